@@ -1,0 +1,41 @@
+"""The full set of config fields with MoCo v2 / ImageNet defaults; `configs/*.py` start from it.
+
+Every field a program reads is here, so `--config.field=value` can override any of them and a
+misspelt override fails loudly.
+"""
+import ml_collections
+
+from mocov2_jax.data import recipes
+
+IMAGENET_EXAMPLES = 1_281_167
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 256                # global, over all devices and hosts
+  c.num_epochs = 200
+  c.num_train_steps = -1            # > 0 stops early (tests, smoke runs); the schedule keeps epochs
+
+  c.model = ml_collections.ConfigDict(dict(
+      arch='resnet50', width=64, cifar_stem=False, head='mlp', dim=128, dtype='float32'))
+  c.moco = ml_collections.ConfigDict(dict(
+      queue_size=65536, momentum=0.999, temperature=0.2, bn_groups=8, symmetric=False))
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=0.03, lr_batch_base=256, momentum=0.9, weight_decay=1e-4, schedule='cosine',
+      lr_drop_epochs=(120, 160)))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source='tfds', name='imagenet2012', data_dir=None, manual_dir=None, folder=None,
+      train_split='train', eval_split='validation', image_size=224, eval_crop_frac=0.875,
+      shuffle_buffer=16384, num_train=0, num_eval=0, synthetic_seed=0,
+      augment=recipes.recipe('mocov2')))
+
+  c.knn = ml_collections.ConfigDict(dict(
+      every_epochs=10, k=200, temperature=0.1, at_init=False, train_split='', max_train=0))
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  c.keep_checkpoints = 3
+  c.num_summary_pairs = 4
+  return c

@@ -1,0 +1,113 @@
+"""MoCo train state and the jitted train step (no TensorFlow here: it runs on NumPy-fed batches)."""
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mocov2_jax import moco, optim
+from mocov2_jax.models import resnet
+
+
+class TrainState(train_state.TrainState):
+  """Query params + optimizer state (the base class), plus everything else MoCo carries."""
+  batch_stats: Any
+  key_params: Any
+  key_batch_stats: Any
+  queue: jax.Array
+  queue_ptr: jax.Array
+  rng: jax.Array
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  top1: metrics.Average.from_output('top1')
+  top5: metrics.Average.from_output('top5')
+  logit_pos: metrics.Average.from_output('logit_pos')
+  logit_neg: metrics.Average.from_output('logit_neg')
+  lr: metrics.LastValue.from_output('lr')
+
+
+def create_model(config) -> nn.Module:
+  return resnet.create_encoder(config.model, config.moco.bn_groups)
+
+
+def create_train_state(rng, config, model, lr_schedule, image_size: int) -> TrainState:
+  """Query and key encoders start equal (the reference copies f_q into f_k)."""
+  init_rng, queue_rng, step_rng = jax.random.split(rng, 3)
+  x = jnp.zeros((config.moco.bn_groups, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  return TrainState.create(
+      apply_fn=model.apply, params=params, tx=optim.sgd(config.optim, lr_schedule),
+      batch_stats=batch_stats,
+      key_params=jax.tree.map(jnp.copy, params),
+      key_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+      queue=moco.init_queue(queue_rng, config.moco.queue_size, config.model.dim),
+      queue_ptr=jnp.zeros((), jnp.int32), rng=step_rng)
+
+
+def train_step(state: TrainState, batch, *, moco_cfg, lr_schedule):
+  """One MoCo step: momentum update, shuffled keys, InfoNCE, SGD, enqueue.
+
+  `batch['view1']`, `batch['view2']`: the two views of the global batch, [N, H, W, 3].
+  With `moco_cfg.symmetric`, both views serve as queries (the reference CIFAR demo's option):
+  loss = L(q1, k2) + L(q2, k1), and 2N keys are enqueued.
+  """
+  tau = moco_cfg.temperature
+  key_params = moco.momentum_update(state.key_params, state.params, moco_cfg.momentum)
+  rngs = jax.random.split(jax.random.fold_in(state.rng, state.step), 2)
+
+  def keys(x, rng, key_stats):
+    perm, unperm = moco.shuffle(rng, x.shape[0])
+    (_, k), new = state.apply_fn({'params': key_params, 'batch_stats': key_stats}, x[perm],
+                                 train=True, mutable=['batch_stats'])
+    return moco.normalize(k)[unperm], new['batch_stats']
+
+  def queries(params, x, stats):
+    (_, q), new = state.apply_fn({'params': params, 'batch_stats': stats}, x, train=True,
+                                 mutable=['batch_stats'])
+    return moco.normalize(q), new['batch_stats']
+
+  k2, key_stats = keys(batch['view2'], rngs[0], state.key_batch_stats)
+  if moco_cfg.symmetric:
+    k1, key_stats = keys(batch['view1'], rngs[1], key_stats)
+
+  def loss_fn(params):
+    q1, stats = queries(params, batch['view1'], state.batch_stats)
+    loss, z = moco.info_nce(q1, k2, state.queue, tau)
+    if moco_cfg.symmetric:
+      q2, stats = queries(params, batch['view2'], stats)
+      loss21, z21 = moco.info_nce(q2, k1, state.queue, tau)
+      loss, z = loss + loss21, jnp.concatenate([z, z21])
+    return loss, (z, stats)
+
+  (loss, (z, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_keys = jnp.concatenate([k1, k2]) if moco_cfg.symmetric else k2
+  queue, ptr = moco.enqueue(state.queue, state.queue_ptr, new_keys)
+  lr = lr_schedule(state.step)
+  state = state.apply_gradients(grads=grads, batch_stats=stats, key_params=key_params,
+                                key_batch_stats=key_stats, queue=queue, queue_ptr=ptr)
+  out = dict(loss=loss, lr=lr, logit_pos=z[:, 0].mean() * tau, logit_neg=z[:, 1:].mean() * tau,
+             **moco.topk_accuracy(z))
+  return state, TrainMetrics.single_from_model_output(**out)
+
+
+def mesh_and_shardings():
+  """A 1-D `data` mesh over all devices: the batch is split on it, the state is replicated."""
+  mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+  return mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+
+
+def jit_train_step(config, lr_schedule, state_sharding, batch_sharding):
+  """The step compiled over the mesh, with the state donated (no copies, no host sync)."""
+  def step(state, batch):
+    return train_step(state, batch, moco_cfg=config.moco, lr_schedule=lr_schedule)
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, state_sharding), donate_argnums=0)
