@@ -1,0 +1,55 @@
+"""An offline, labelled toy dataset for the default demo: 10 classes told apart by shape only.
+
+Foreground and background colours (two different colours of a small palette), position, size and
+stripe phase are random and independent of the class. Colour carries no class information, and,
+with a small palette, little instance information either, so instance discrimination has to look
+at the shapes: a random-init encoder's kNN is mediocre and MoCo improves on it. NumPy only.
+"""
+import numpy as np
+
+CLASSES = ('disk', 'square', 'triangle', 'ring', 'cross', 'h_stripes', 'v_stripes', 'd_stripes',
+           'checkerboard', 'two_dots')
+
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (240, 240, 240), (20, 20, 20)], np.float32)
+
+
+def _masks(label, u, v, freq, phase):
+  """Foreground masks [n, size, size] of one class in shape coordinates (u, v) in about [-1, 1]."""
+  inside = np.maximum(np.abs(u), np.abs(v)) <= 1
+  wave = lambda t: np.sin(np.pi * freq * t + phase) > 0
+  r2 = u**2 + v**2
+  return [
+      lambda: r2 <= 1,
+      lambda: np.maximum(np.abs(u), np.abs(v)) <= 0.8,
+      lambda: (v >= -0.8) & (v <= 0.8) & (np.abs(u) <= (v + 0.8) * 0.6),
+      lambda: (r2 <= 1) & (r2 >= 0.36),
+      lambda: ((np.abs(u) <= 0.3) | (np.abs(v) <= 0.3)) & inside,
+      lambda: inside & wave(v),
+      lambda: inside & wave(u),
+      lambda: inside & wave((u + v) / np.sqrt(2)),
+      lambda: inside & (wave(u) == wave(v)),
+      lambda: ((u - 0.5)**2 + v**2 <= 0.16) | ((u + 0.5)**2 + v**2 <= 0.16),
+  ][label]()
+
+
+def make_shapes(num, size=32, seed=0):
+  """(images uint8 [num, size, size, 3], labels int32 [num]); deterministic given `seed`."""
+  rng = np.random.default_rng(seed)
+  labels = rng.permutation(np.arange(num) % len(CLASSES)).astype(np.int32)   # balanced
+  bg_index = rng.integers(0, len(PALETTE), num)
+  fg_index = (bg_index + rng.integers(1, len(PALETTE), num)) % len(PALETTE)   # never the bg
+  bg, fg = PALETTE[bg_index], PALETTE[fg_index]
+  radius = rng.uniform(0.22, 0.36, num) * size
+  cy, cx = (rng.uniform(0, 1, (2, num)) * (size - 2 * radius) + radius)
+  freq, phase = rng.uniform(1.5, 2.5, num), rng.uniform(0, 2 * np.pi, num)
+  grid = np.arange(size, dtype=np.float32) + 0.5
+  mask = np.zeros((num, size, size), bool)
+  for c in range(len(CLASSES)):
+    i = np.flatnonzero(labels == c)
+    u = (grid[None, None, :] - cx[i, None, None]) / radius[i, None, None]
+    v = (grid[None, :, None] - cy[i, None, None]) / radius[i, None, None]
+    mask[i] = _masks(c, u, v, freq[i, None, None], phase[i, None, None])
+  images = np.where(mask[..., None], fg[:, None, None], bg[:, None, None]).astype(np.float32)
+  images += rng.standard_normal(images.shape, np.float32) * 6
+  return np.clip(images, 0, 255).astype(np.uint8), labels

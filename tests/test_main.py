@@ -1,0 +1,72 @@
+"""The program end to end: a few steps, a checkpoint, a resume; bad input fails at start."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mocov2_jax import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    '--config.batch_size=32', '--config.num_epochs=2', '--config.model.width=4',
+    '--config.moco.queue_size=128', '--config.moco.bn_groups=4', '--config.data.num_train=128',
+    '--config.data.num_eval=64', '--config.data.image_size=16', '--config.data.shuffle_buffer=128',
+    '--config.knn.every_epochs=1', '--config.log_every_steps=2',
+    '--config.checkpoint_every_steps=2', '--config.num_summary_pairs=2',
+]
+
+
+def run_main(workdir, *overrides):
+  cmd = [sys.executable, '-m', 'mocov2_jax.main', f'--config={REPO}/configs/demo.py',
+         f'--workdir={workdir}', *TINY, *overrides]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def test_runs_checkpoints_and_resumes(tmp_path):
+  first = run_main(tmp_path, '--config.num_train_steps=3')
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '3']
+  assert json.load(open(tmp_path / 'config.json'))['batch_size'] == 32
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+  assert json.load(open(tmp_path / 'results.json'))['step'] == 3
+  assert 'kNN top-1 (k=200)' in first.stdout and 'random init' in first.stdout
+
+  second = run_main(tmp_path)  # 2 epochs of 128 / 32 = 8 steps in all
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'Resumed from' in second.stderr and 'at step 3' in second.stderr
+  assert 'step 4/8' in second.stderr and 'step 2/8' not in second.stderr
+  assert 'random init' not in second.stdout  # the init kNN belongs to the first run
+  assert json.load(open(tmp_path / 'results.json'))['step'] == 8
+  assert '8' in os.listdir(tmp_path / 'checkpoints')
+
+
+def test_bad_input_fails_before_work_with_a_message(tmp_path):
+  result = run_main(tmp_path, '--config.model.arch=resnet42')
+  assert result.returncode != 0
+  assert "unknown model.arch 'resnet42'" in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def _config(**changes):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.update_from_flattened_dict(changes)
+  return c
+
+
+@pytest.mark.parametrize('changes, message', [
+    ({'batch_size': 36}, 'not divisible by the 8 devices'),
+    ({'moco.queue_size': 1000}, 'not a multiple of the 128 keys'),
+    ({'moco.queue_size': 128, 'moco.symmetric': True}, 'not a multiple of the 256 keys'),
+    ({'moco.bn_groups': 3}, 'does not split into moco.bn_groups=3'),
+    ({'model.arch': 'vgg16'}, 'unknown model.arch'),
+    ({'model.head': 'deep'}, 'unknown model.head'),
+    ({'data.source': 'folder', 'data.folder': '/nonexistent/images'}, '/nonexistent/images'),
+    ({'data.num_train': 64}, 'make no full batch of 128'),
+])
+def test_check_messages(changes, message):
+  with pytest.raises(ValueError, match=message):
+    train.check(_config(**changes))

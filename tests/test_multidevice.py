@@ -1,0 +1,112 @@
+"""The step on 8 (fake CPU) devices equals the step on one: results depend on the BN group
+count, never on the device count. conftest.py asks XLA for 8 host devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mocov2_jax import optim, step
+
+BATCH, IMAGE = 16, 16
+
+
+def _shardings(devices):
+  mesh = Mesh(np.array(devices), ('data',))
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+
+
+_INITIAL = {}
+
+
+def _initial_state(config, sched):
+  """One initial state (as host arrays) for every run here: the parameter shapes do not depend
+  on the BN group count, so runs with different groups start from the same weights."""
+  if 'state' not in _INITIAL:
+    state = step.create_train_state(jax.random.PRNGKey(0), config, step.create_model(config),
+                                    sched, IMAGE)
+    _INITIAL['state'] = jax.tree.map(np.asarray, state)
+  groups = config.moco.bn_groups
+  if groups not in _INITIAL:  # one model per group count, so that compiled steps are reused
+    _INITIAL[groups] = step.create_model(config)
+  return _INITIAL['state'].replace(apply_fn=_INITIAL[groups].apply)
+
+
+def _batches(n):
+  rng = np.random.default_rng(0)
+  return [{k: rng.normal(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
+           for k in ('view1', 'view2')} for _ in range(n)]
+
+
+_STEPS = {}
+
+
+def _run(config, devices, batches):
+  sched = optim.schedule(config.optim, BATCH, 1, 5)
+  repl, data = _shardings(devices)
+  key = (config.moco.bn_groups, len(devices))  # reuse compiled steps across tests
+  if key not in _STEPS:
+    _STEPS[key] = step.jit_train_step(config, sched, repl, data)
+  train_step = _STEPS[key]
+  state = jax.device_put(_initial_state(config, sched), repl)
+  losses = []
+  for b in batches:
+    b = jax.device_put(b, data)
+    assert len(b['view1'].sharding.device_set) == len(devices)
+    state, metrics = train_step(state, b)
+    losses.append(float(metrics.compute()['loss']))
+  # The state stays replicated over the mesh.
+  for leaf in jax.tree.leaves(state):
+    if isinstance(leaf, jax.Array):
+      assert leaf.sharding.is_fully_replicated
+      assert leaf.sharding.device_set == set(devices)
+  return np.array(losses), jax.tree.map(np.asarray, state)
+
+
+def _assert_states_close(a, b, where):
+  for name in ('params', 'key_params', 'batch_stats', 'key_batch_stats', 'queue', 'opt_state'):
+    ta, tb = getattr(a, name), getattr(b, name)
+    assert jax.tree.structure(ta) == jax.tree.structure(tb)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(ta)[0], jax.tree.leaves(tb)):
+      # The momentum buffer holds (sums of) raw gradients: sums over the batch that 8 devices
+      # reduce in another order (partial sums, then an all-reduce). Its elements near zero then
+      # differ by float32 rounding relative to the leaf's scale, not their own.
+      atol = 1e-5 * np.abs(y).max() if name == 'opt_state' else 1e-6
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol,
+                                 err_msg=f'{where}: {name}{jax.tree_util.keystr(path)}')
+  assert int(a.queue_ptr) == int(b.queue_ptr)
+  assert int(a.step) == int(b.step)
+
+
+def test_eight_fake_devices():
+  assert jax.device_count() == 8, 'tests/conftest.py must set XLA_FLAGS before jax starts'
+  assert jax.devices()[0].platform == 'cpu'
+
+
+def test_one_device_equals_eight_devices(tiny_config):
+  """8 BN groups: 3 steps on one device and on 8 devices (2 examples each) agree."""
+  assert jax.device_count() == 8
+  config = tiny_config(**{'moco.bn_groups': 8})
+  batches = _batches(3)
+  loss1, s1 = _run(config, jax.devices()[:1], batches)
+  loss8, s8 = _run(config, jax.devices(), batches)
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  _assert_states_close(s8, s1, '8 devices vs 1')
+  assert int(s1.queue_ptr) == 3 * BATCH % config.moco.queue_size
+  assert len(set(loss1.tolist())) == 3
+
+
+def test_result_depends_on_bn_groups_not_devices(tiny_config):
+  """2 BN groups (each spanning 4 of the 8 devices) also give the same step on 1 and 8 devices,
+  and a different one from 8 groups: the group count, not the device count, defines BN."""
+  assert jax.device_count() == 8
+  batches = _batches(1)
+  loss2_1, s2_1 = _run(tiny_config(**{'moco.bn_groups': 2}), jax.devices()[:1], batches)
+  loss2_8, s2_8 = _run(tiny_config(**{'moco.bn_groups': 2}), jax.devices(), batches)
+  loss8_8, s8_8 = _run(tiny_config(**{'moco.bn_groups': 8}), jax.devices(), batches)
+  np.testing.assert_allclose(loss2_8, loss2_1, rtol=1e-5)
+  _assert_states_close(s2_8, s2_1, 'bn_groups=2, 8 devices vs 1')
+  assert abs(loss2_8[0] - loss8_8[0]) > 1e-3, (loss2_8, loss8_8)
+  diff = np.abs(s2_8.batch_stats['backbone']['bn1']['var'] -
+                s8_8.batch_stats['backbone']['bn1']['var']).max()
+  assert diff > 1e-5, 'BN running statistics should depend on the group count'

@@ -1,0 +1,220 @@
+"""tf.data pipeline: sources, per-process shards, reproducibility, eval padding, early errors.
+
+Shard tests use images of one flat colour whose red value is the example's id: with the colour ops
+switched off, every view of such an image is that colour, so the id survives augmentation.
+"""
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from mocov2_jax.data import pipeline, recipes
+
+
+def config(**overrides):
+  cfg = ml_collections.ConfigDict(dict(
+      source='synthetic', name='cifar10', data_dir=None, manual_dir=None, folder=None,
+      train_split='train', eval_split='test', image_size=16, eval_crop_frac=1.0,
+      shuffle_buffer=64, num_train=40, num_eval=10, synthetic_seed=0,
+      augment=recipes.recipe('cifar')))
+  cfg.update(overrides)
+  return cfg
+
+
+def plain_recipe():
+  r = recipes.recipe('cifar')
+  r.update(dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, mean=None, std=None))
+  return r
+
+
+def ids(images):
+  """Example ids back from the red value of flat-coloured images."""
+  return [int(i) for i in np.round(np.asarray(images)[:, 0, 0, 0] * 255)]
+
+
+def take(ds, n):
+  return [{k: v.numpy() for k, v in batch.items()} for batch in ds.take(n)]
+
+
+def write_images(root, num, labelled):
+  """`num` flat-colour PNGs of varied sizes, ids 1..num; class 'c<id % 3>' when labelled."""
+  for i in range(1, num + 1):
+    d = root / 'train' / f'c{i % 3}' if labelled else root / 'train'
+    d.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (20 + i, 17 + 2 * i), (i, 100, 200)).save(d / f'{i:03d}.png')
+
+
+# ---- synthetic source: batches, reproducibility ----
+def test_pretrain_batches_are_reproducible():
+  cfg = config()
+  a = take(pipeline.pretrain_dataset(cfg, local_batch_size=8, seed=1), 6)   # > 1 epoch
+  b = take(pipeline.pretrain_dataset(cfg, local_batch_size=8, seed=1), 6)
+  c = take(pipeline.pretrain_dataset(cfg, local_batch_size=8, seed=2), 6)
+  for key, dtype, shape in [('view1', np.float32, (8, 16, 16, 3)),
+                            ('view2', np.float32, (8, 16, 16, 3)), ('label', np.int32, (8,))]:
+    assert a[0][key].dtype == dtype and a[0][key].shape == shape
+  for x, y in zip(a, b):
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+  assert np.abs(a[0]['view1'] - c[0]['view1']).mean() > 0.1
+  assert np.abs(a[0]['view1'] - a[0]['view2']).mean() > 0.1        # two independent views
+  labels = np.concatenate([x['label'] for x in a[:5]])               # epoch 1: 40 examples
+  np.testing.assert_array_equal(np.bincount(labels), [4] * 10)
+  assert not (labels == pipeline._synthetic(40, 0)[1]).all()         # shuffled
+
+
+# ---- image folder ----
+@pytest.mark.parametrize('labelled', [True, False])
+def test_folder_shards_are_disjoint_and_cover(tmp_path, labelled):
+  write_images(tmp_path, 13, labelled)
+  cfg = config(source='folder', folder=str(tmp_path), eval_split='train', augment=plain_recipe())
+  pipeline.check_data(cfg)
+  assert pipeline.num_examples(cfg, 'train') == 13
+  seen, seen_eval = [], []
+  for p in range(2):
+    batches = take(pipeline.pretrain_dataset(cfg, local_batch_size=1, seed=0, process_index=p,
+                                             process_count=2), 14)
+    got = ids(np.concatenate([b['view1'] for b in batches]))
+    n = 7 - p                                 # files[p::2] of 13
+    assert sorted(got[:n]) == sorted(got[n:2 * n]) and len(set(got[:n])) == n   # epochs
+    assert ids(np.concatenate([b['view2'] for b in batches])) == got
+    labels = np.concatenate([b['label'] for b in batches])
+    np.testing.assert_array_equal(labels, [i % 3 if labelled else -1 for i in got])
+    seen.append(set(got))
+    ev = take(pipeline.eval_dataset(cfg, 'train', local_batch_size=4, process_index=p,
+                                    process_count=2), 10)
+    assert len(ev) == 2 and ev[0]['image'].shape == (4, 16, 16, 3)   # same count on both
+    mask = np.concatenate([b['mask'] for b in ev])
+    assert mask.sum() == n
+    seen_eval.append(set(np.array(ids(np.concatenate([b['image'] for b in ev])))[mask == 1]))
+  for s in (seen, seen_eval):
+    assert not s[0] & s[1] and s[0] | s[1] == set(range(1, 14))
+
+
+def test_folder_without_split_subfolders_is_the_train_split(tmp_path):
+  for i, name in enumerate(['x', 'y']):
+    (tmp_path / name).mkdir()
+    Image.new('RGB', (30, 20), (i, 0, 0)).save(tmp_path / name / 'a.jpg')
+  cfg = config(source='folder', folder=str(tmp_path))
+  labels = take(pipeline.pretrain_dataset(cfg, local_batch_size=2, seed=0), 1)[0]['label']
+  assert sorted(labels) == [0, 1]
+  with pytest.raises(ValueError, match='test'):   # no eval split there
+    pipeline.check_data(cfg)
+
+
+# ---- eval: padding, mask, determinism ----
+@pytest.mark.parametrize('process_count,masks', [(1, [4, 4, 2]), (3, [4, 3, 3])])
+def test_eval_padding(process_count, masks):
+  cfg = config(num_eval=10)
+  got = []
+  for p in range(process_count):
+    ev = take(pipeline.eval_dataset(cfg, 'test', local_batch_size=4, process_index=p,
+                                    process_count=process_count), 10)
+    again = take(pipeline.eval_dataset(cfg, 'test', local_batch_size=4, process_index=p,
+                                       process_count=process_count), 10)
+    for x, y in zip(ev, again):
+      for key in x:
+        np.testing.assert_array_equal(x[key], y[key])
+    assert len(ev) == 3 // process_count
+    for b in ev:
+      assert b['image'].shape == (4, 16, 16, 3) and b['image'].dtype == np.float32
+      assert b['mask'].dtype == np.int32 and b['label'].dtype == np.int32
+      pad = b['mask'] == 0
+      assert (b['label'][pad] == -1).all() and (b['image'][pad] == 0).all()
+      assert (b['label'][~pad] >= 0).all() and (np.abs(b['image'][~pad]).max() > 0.5)
+    got += [int(b['mask'].sum()) for b in ev]
+  assert got == masks
+
+
+# ---- tfds ----
+def test_tfds_mock_data_views():
+  cfg = config(source='tfds', name='cifar10', image_size=32)
+  with tfds.testing.mock_data(num_examples=12):
+    batches = take(pipeline.pretrain_dataset(cfg, local_batch_size=4, seed=0), 4)
+  for b in batches:
+    assert b['view1'].shape == b['view2'].shape == (4, 32, 32, 3)
+    assert b['view1'].dtype == np.float32 and b['label'].dtype == np.int32
+    assert ((b['label'] >= 0) & (b['label'] < 10)).all()
+    assert np.abs(b['view1'] - b['view2']).mean() > 0.1
+
+
+class MocoTestImages(tfds.core.GeneratorBasedBuilder):
+  """A real (prepared) tiny TFDS dataset: split slicing and counts work as with cifar10."""
+  VERSION = tfds.core.Version('1.0.0')
+  # No checksums file to look up; also avoids tfds's lookup needing `importlib_resources`.
+  code_path = None
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(dict(
+        image=tfds.features.Image(shape=(None, None, 3)),
+        label=tfds.features.ClassLabel(num_classes=3))))
+
+  def _split_generators(self, dl_manager):
+    return dict(train=self._generate_examples(11), test=self._generate_examples(5))
+
+  def _generate_examples(self, num):
+    for i in range(1, num + 1):
+      yield i, dict(image=np.full((20 + i, 24, 3), i, np.uint8), label=i % 3)
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp('tfds')
+  MocoTestImages(data_dir=str(data_dir)).download_and_prepare()
+  return str(data_dir)
+
+
+def test_tfds_shards_are_disjoint_and_cover(tfds_dir):
+  cfg = config(source='tfds', name='moco_test_images', data_dir=tfds_dir,
+               augment=plain_recipe())
+  pipeline.check_data(cfg)
+  assert pipeline.num_examples(cfg, 'train') == 11
+  seen, seen_eval = [], []
+  for p in range(2):
+    batches = take(pipeline.pretrain_dataset(cfg, local_batch_size=1, seed=0, process_index=p,
+                                             process_count=2), 5)
+    got = ids(np.concatenate([b['view1'] for b in batches]))
+    assert len(set(got)) == 5
+    seen.append(set(got))
+    ev = take(pipeline.eval_dataset(cfg, 'train', local_batch_size=4, process_index=p,
+                                    process_count=2), 10)
+    mask = np.concatenate([b['mask'] for b in ev])
+    assert len(ev) == 2 and mask.sum() in (5, 6)
+    seen_eval.append(set(np.array(ids(np.concatenate([b['image'] for b in ev])))[mask == 1]))
+  assert not seen[0] & seen[1]
+  assert not seen_eval[0] & seen_eval[1] and seen_eval[0] | seen_eval[1] == set(range(1, 12))
+
+
+# ---- check_data: errors that say what to change ----
+def test_check_data_errors(tmp_path, tfds_dir):
+  with pytest.raises(ValueError, match='not a directory'):
+    pipeline.check_data(config(source='folder', folder=str(tmp_path / 'missing')))
+  (tmp_path / 'train' / 'a').mkdir(parents=True)
+  (tmp_path / 'test').mkdir()
+  with pytest.raises(ValueError, match='No images'):
+    pipeline.check_data(config(source='folder', folder=str(tmp_path)))
+  for i in range(5):
+    Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'train' / 'a' / f'{i}.jpg')
+    Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'test' / f'{i}.jpg')
+  pipeline._list_images.cache_clear()   # listings are cached per folder
+  pipeline.check_data(config(source='folder', folder=str(tmp_path)))
+  with pytest.raises(ValueError, match="No folder .*'val'"):
+    pipeline.check_data(config(source='folder', folder=str(tmp_path), eval_split='val'))
+  (tmp_path / 'test' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+  pipeline._list_images.cache_clear()
+  with pytest.raises(ValueError, match='broken.jpg'):
+    pipeline.check_data(config(source='folder', folder=str(tmp_path)))
+  with pytest.raises(ValueError, match='not prepared.*manual_dir'):
+    pipeline.check_data(config(source='tfds', name='moco_test_images',
+                               data_dir=str(tmp_path / 'empty_tfds')))
+  with pytest.raises(ValueError, match='no split'):
+    pipeline.check_data(config(source='tfds', name='moco_test_images', data_dir=tfds_dir,
+                               eval_split='validation'))
+  with pytest.raises(ValueError, match='Unknown TFDS'):
+    pipeline.check_data(config(source='tfds', name='no_such_dataset_xyz'))
+  with pytest.raises(ValueError, match='data.source'):
+    pipeline.check_data(config(source='hdf5'))
+  with pytest.raises(ValueError, match='num_train'):
+    pipeline.check_data(config(num_train=0))

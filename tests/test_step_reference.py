@@ -1,0 +1,309 @@
+"""The key test: MoCo steps of `step.train_step` equal the same steps written in PyTorch.
+
+The PyTorch side is written from the equations and the reference implementation
+(facebookresearch/moco `moco/builder.py`, and its CIFAR-10 demo for split BN and the symmetric
+loss); it uses no project code. Only the initial weights (copied from the Flax state), the input
+batches and the key-shuffle permutations (derived from the state's rng exactly as the step
+documents it) are shared.
+
+The PyTorch reference runs in float64 from the same float32 starting point: it is then the exact
+answer, and the tolerances measure the float32 rounding of the JAX step alone. (A float32 PyTorch
+run is not a good enough yardstick: in the symmetric case its float32 gradient of e.g.
+`bn1.bias` is off by ~1% on this tiny model, where JAX agrees with float64 to ~1e-6.)
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn as tnn
+import torch.nn.functional as F
+
+from mocov2_jax import optim, step
+
+BATCH, IMAGE, STEPS, STEPS_PER_EPOCH, EPOCHS = 16, 16, 3, 1, 5
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference
+
+class GroupBatchNorm2d(tnn.BatchNorm2d):
+  """Train mode: BN statistics over each contiguous group of N/groups examples (one group per
+  GPU in the reference), each group's running statistics updated PyTorch's way (momentum 0.1,
+  unbiased variance) from the shared running statistics, then averaged over groups (as the
+  reference demo's SplitBatchNorm does). Eval mode: plain BN with the running statistics."""
+
+  def __init__(self, c, groups):
+    super().__init__(c)
+    self.groups = groups
+
+  def forward(self, x):
+    if not self.training:
+      return super().forward(x)
+    outs, means, vars_ = [], [], []
+    for xg in x.chunk(self.groups, dim=0):
+      rm, rv = self.running_mean.clone(), self.running_var.clone()
+      outs.append(F.batch_norm(xg, rm, rv, self.weight, self.bias, True, self.momentum, self.eps))
+      means.append(rm)
+      vars_.append(rv)
+    with torch.no_grad():
+      self.running_mean.copy_(torch.stack(means).mean(0))
+      self.running_var.copy_(torch.stack(vars_).mean(0))
+    return torch.cat(outs, 0)
+
+
+class BasicBlock(tnn.Module):
+  def __init__(self, cin, planes, stride, norm):
+    super().__init__()
+    self.conv1 = tnn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+    self.bn1 = norm(planes)
+    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = norm(planes)
+    self.downsample = None
+    if stride != 1 or cin != planes:
+      self.downsample = tnn.Sequential(tnn.Conv2d(cin, planes, 1, stride, bias=False), norm(planes))
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet18(tnn.Module):
+  """torchvision's resnet18 with the demo's CIFAR stem (3x3 stride-1 conv1, no max-pool) and the
+  MoCo head in `fc` (builder.py: Linear, or Sequential(Linear, ReLU, Linear) with mlp=True)."""
+
+  def __init__(self, width, groups, head, dim):
+    super().__init__()
+    norm = lambda c: GroupBatchNorm2d(c, groups)
+    self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
+    self.bn1 = norm(width)
+    cin = width
+    for i in range(4):
+      planes = width * 2**i
+      setattr(self, f'layer{i + 1}', tnn.Sequential(
+          BasicBlock(cin, planes, 1 if i == 0 else 2, norm), BasicBlock(planes, planes, 1, norm)))
+      cin = planes
+    fc = tnn.Linear(cin, dim)
+    self.fc = tnn.Sequential(tnn.Linear(cin, cin), tnn.ReLU(), fc) if head == 'mlp' else fc
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    for i in range(4):
+      x = getattr(self, f'layer{i + 1}')(x)
+    return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class TorchMoCo:
+  """builder.py's MoCo (single process) with the demo's symmetric option."""
+
+  def __init__(self, encoder_q, encoder_k, queue, ptr, m, tau, lr, wd, momentum):
+    self.encoder_q, self.encoder_k = encoder_q.train(), encoder_k.train()
+    for p in self.encoder_k.parameters():
+      p.requires_grad = False
+    self.queue = queue.clone()  # [dim, K], as the reference's buffer
+    self.ptr = ptr
+    self.m, self.tau = m, tau
+    self.opt = torch.optim.SGD(self.encoder_q.parameters(), lr, momentum=momentum,
+                               weight_decay=wd)
+
+  @torch.no_grad()
+  def _momentum_update_key_encoder(self):
+    for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+      pk.data = pk.data * self.m + pq.data * (1. - self.m)
+
+  @torch.no_grad()
+  def _dequeue_and_enqueue(self, keys):
+    n = keys.shape[0]
+    assert self.queue.shape[1] % n == 0
+    self.queue[:, self.ptr:self.ptr + n] = keys.T
+    self.ptr = (self.ptr + n) % self.queue.shape[1]
+
+  def contrastive_loss(self, im_q, im_k, perm):
+    q = F.normalize(self.encoder_q(im_q), dim=1)
+    with torch.no_grad():
+      idx_unshuffle = torch.argsort(perm)
+      k = F.normalize(self.encoder_k(im_k[perm]), dim=1)[idx_unshuffle]
+    l_pos = torch.einsum('nc,nc->n', q, k).unsqueeze(-1)
+    l_neg = torch.einsum('nc,ck->nk', q, self.queue.clone().detach())
+    logits = torch.cat([l_pos, l_neg], dim=1) / self.tau
+    labels = torch.zeros(logits.shape[0], dtype=torch.long)
+    return F.cross_entropy(logits, labels), logits, k
+
+  def step(self, im1, im2, perms, lr, symmetric):
+    for g in self.opt.param_groups:
+      g['lr'] = lr
+    with torch.no_grad():
+      self._momentum_update_key_encoder()
+    if symmetric:
+      loss_12, z12, k2 = self.contrastive_loss(im1, im2, perms[0])
+      loss_21, z21, k1 = self.contrastive_loss(im2, im1, perms[1])
+      loss, z, k = loss_12 + loss_21, torch.cat([z12, z21]), torch.cat([k1, k2])
+    else:
+      loss, z, k = self.contrastive_loss(im1, im2, perms[0])
+    self._dequeue_and_enqueue(k)
+    self.opt.zero_grad()
+    loss.backward()
+    self.opt.step()
+    return float(loss.detach()), z.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax <-> torch names (the torchvision layout)
+
+def _torch_name(path):
+  mods, leaf = path[:-1], path[-1]
+  parts = []
+  for m in mods[1:]:
+    if m.startswith('layer'):
+      parts += m.split('_')
+    elif m in ('downsample_conv', 'downsample_bn'):
+      parts += ['downsample', '0' if m.endswith('conv') else '1']
+    elif m in ('fc0', 'fc2'):
+      parts += ['fc', m[2]]
+    else:
+      parts.append(m)
+  return '.'.join(parts + [{'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+                            'mean': 'running_mean', 'var': 'running_var'}[leaf]])
+
+
+def _flat(tree):
+  return {tuple(k.key for k in p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _to_torch(path, x):
+  if path[-1] == 'kernel':
+    x = x.transpose(3, 2, 0, 1) if x.ndim == 4 else x.T
+  return torch.from_numpy(np.array(x, np.float32))
+
+
+def _from_torch(path, t):
+  x = t.detach().numpy().astype(np.float32)
+  if path[-1] == 'kernel':
+    x = x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
+  return x
+
+
+def _build_torch_encoder(config, params, batch_stats):
+  net = CifarResNet18(config.model.width, config.moco.bn_groups, config.model.head,
+                      config.model.dim)
+  sd = {_torch_name(p): _to_torch(p, x) for p, x in {**_flat(params), **_flat(batch_stats)}.items()}
+  missing, unexpected = net.load_state_dict(sd, strict=False)
+  assert not unexpected and all(k.endswith('num_batches_tracked') for k in missing), (
+      missing, unexpected)
+  return net.double()
+
+
+def _assert_tree_matches_torch(tree, net, what, rtol, atol):
+  sd = net.state_dict()
+  flat = _flat(tree)
+  assert flat
+  for path, x in flat.items():
+    name = _torch_name(path)
+    np.testing.assert_allclose(x, _from_torch(path, sd[name]), rtol=rtol, atol=atol,
+                               err_msg=f'{what}: {"/".join(path)} vs torch {name}')
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _cosine_lr(config, step_):
+  """MoCo v2: lr x 0.5 (1 + cos(pi epoch / epochs)), lr = base_lr x batch / 256, per epoch."""
+  lr = config.optim.base_lr * BATCH / config.optim.lr_batch_base
+  return lr * 0.5 * (1 + math.cos(math.pi * (step_ // STEPS_PER_EPOCH) / EPOCHS))
+
+
+_INITIAL = {}
+
+
+def _initial_state(config, sched):
+  """`create_train_state`, kept per head on the host (its init compiles slowly on CPU); every
+  call returns fresh arrays since the jitted step donates the state."""
+  head = config.model.head
+  if head not in _INITIAL:
+    model = step.create_model(config)
+    state = step.create_train_state(jax.random.PRNGKey(0), config, model, sched, IMAGE)
+    _INITIAL[head] = jax.tree.map(np.asarray, state)
+  return jax.tree.map(jnp.asarray, _INITIAL[head])
+
+
+@pytest.mark.parametrize('head,symmetric', [('mlp', False), ('linear', False), ('mlp', True)])
+def test_steps_match_pytorch_reference(tiny_config, head, symmetric):
+  config = tiny_config(**{'model.head': head, 'moco.symmetric': symmetric})
+  assert config.moco.bn_groups == 4 and config.moco.queue_size == 64
+  sched = optim.schedule(config.optim, BATCH, STEPS_PER_EPOCH, EPOCHS)
+  state = _initial_state(config, sched)
+  # Start the key encoder away from the query encoder (as after some training), so that the
+  # momentum update and its order (before the keys are computed) matter from the first step.
+  noise_rng = np.random.default_rng(0)
+  state = state.replace(key_params=jax.tree.map(
+      lambda x: np.asarray(x) + 0.05 * (np.std(x) + 0.1) * noise_rng.normal(size=x.shape).astype(
+          np.float32), state.params))
+
+  # The PyTorch side starts from the same weights, statistics and queue.
+  m, tau = config.moco.momentum, config.moco.temperature
+  ref = TorchMoCo(_build_torch_encoder(config, state.params, state.batch_stats),
+                  _build_torch_encoder(config, state.key_params, state.key_batch_stats),
+                  torch.from_numpy(np.asarray(state.queue, np.float64).T.copy()),
+                  int(state.queue_ptr),
+                  m, tau, _cosine_lr(config, 0), config.optim.weight_decay,
+                  config.optim.momentum)
+  base_rng, step0 = np.asarray(state.rng), int(state.step)
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  train_step = step.jit_train_step(config, sched, repl, data)
+  state = jax.device_put(state, repl)
+
+  rng = np.random.default_rng(1)
+  losses = []
+  for i in range(STEPS):
+    views = [rng.normal(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32) for _ in range(2)]
+    # The permutations as the step derives them from its rng and step counter.
+    rngs = jax.random.split(jax.random.fold_in(jnp.asarray(base_rng), step0 + i), 2)
+    perms = [torch.from_numpy(np.asarray(jax.random.permutation(r, BATCH)).astype(np.int64))
+             for r in rngs]
+    assert not torch.equal(perms[0], torch.arange(BATCH))
+
+    lr = _cosine_lr(config, i)
+    np.testing.assert_allclose(float(sched(i)), lr, rtol=1e-6)
+    im1, im2 = (torch.from_numpy(v.astype(np.float64)).permute(0, 3, 1, 2).contiguous()
+                for v in views)
+    ref_loss, ref_z = ref.step(im1, im2, perms, lr, symmetric)
+
+    state, metrics = train_step(state, {'view1': jnp.asarray(views[0]),
+                                        'view2': jnp.asarray(views[1])})
+    out = {k: float(v) for k, v in metrics.compute().items()}
+    losses.append(out['loss'])
+    where = f'step {i} (head={head}, symmetric={symmetric})'
+
+    np.testing.assert_allclose(out['loss'], ref_loss, rtol=1e-5, err_msg=f'loss, {where}')
+    np.testing.assert_allclose(out['lr'], lr, rtol=1e-6, err_msg=f'lr, {where}')
+    rank = (ref_z[:, 1:] > ref_z[:, :1]).sum(1).numpy()
+    np.testing.assert_allclose(out['top1'], np.mean(rank < 1), atol=1e-6, err_msg=where)
+    np.testing.assert_allclose(out['top5'], np.mean(rank < 5), atol=1e-6, err_msg=where)
+    np.testing.assert_allclose(out['logit_pos'], float(ref_z[:, 0].mean()) * tau, rtol=1e-5,
+                               atol=1e-6, err_msg=where)
+    np.testing.assert_allclose(out['logit_neg'], float(ref_z[:, 1:].mean()) * tau, rtol=1e-4,
+                               atol=1e-6, err_msg=where)
+
+    assert int(state.step) == step0 + i + 1
+    assert int(state.queue_ptr) == ref.ptr, f'queue_ptr, {where}'
+    np.testing.assert_allclose(np.asarray(state.queue), ref.queue.numpy().T, rtol=1e-5,
+                               atol=1e-6, err_msg=f'queue, {where}')
+    # Parameters after SGD (momentum buffer, weight decay on all params, lr of this step).
+    _assert_tree_matches_torch(state.params, ref.encoder_q, f'query params, {where}',
+                               rtol=1e-5, atol=1e-6)
+    _assert_tree_matches_torch(state.key_params, ref.encoder_k, f'key params, {where}',
+                               rtol=1e-5, atol=1e-6)
+    _assert_tree_matches_torch(state.batch_stats, ref.encoder_q, f'query BN stats, {where}',
+                               rtol=1e-5, atol=1e-6)
+    _assert_tree_matches_torch(state.key_batch_stats, ref.encoder_k, f'key BN stats, {where}',
+                               rtol=1e-5, atol=1e-6)
+
+  # The pointer moved as a ring buffer over the steps (2N keys a step when symmetric).
+  assert ref.ptr == (STEPS * BATCH * (2 if symmetric else 1)) % config.moco.queue_size
+  assert len(set(losses)) == STEPS  # the steps did change something
