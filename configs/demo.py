@@ -11,14 +11,15 @@ from mocov2_jax.data import recipes
 def get_config():
   c = defaults.base_config()
   c.batch_size = 128
-  c.num_epochs = 8
+  c.num_epochs = 10
   c.model.update(arch='resnet18', width=16, cifar_stem=True, head='mlp')
-  c.moco.update(queue_size=4096, momentum=0.99, temperature=0.2, bn_groups=8)
+  c.moco.update(queue_size=1024, momentum=0.99, temperature=0.2, bn_groups=8)
   c.optim.update(base_lr=0.06, weight_decay=5e-4)
   c.data.update(source='synthetic', name='shapes', train_split='train', eval_split='test',
                 num_train=4096, num_eval=1024, image_size=32, eval_crop_frac=1.0,
                 shuffle_buffer=4096, augment=recipes.recipe('cifar'))
-  c.knn.update(every_epochs=4, at_init=True)
+  c.data.augment.crop_scale = (0.2, 1.0)   # keep the shape in view: it is the only class cue
+  c.knn.update(every_epochs=5, at_init=True)
   c.log_every_steps = 8
   c.checkpoint_every_steps = 64
   return c
