@@ -26,7 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
       lr_drop_epochs=(120, 160)))
 
   c.data = ml_collections.ConfigDict(dict(
-      source='tfds', name='imagenet2012', data_dir=None, manual_dir=None, folder=None,
+      source='tfds', name='imagenet2012', data_dir='', manual_dir='', folder='',  # '' = unset
       train_split='train', eval_split='validation', image_size=224, eval_crop_frac=0.875,
       shuffle_buffer=16384, num_train=0, num_eval=0, synthetic_seed=0,
       augment=recipes.recipe('mocov2')))

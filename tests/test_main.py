@@ -42,10 +42,15 @@ def test_runs_checkpoints_and_resumes(tmp_path):
   assert '8' in os.listdir(tmp_path / 'checkpoints')
 
 
-def test_bad_input_fails_before_work_with_a_message(tmp_path):
-  result = run_main(tmp_path, '--config.model.arch=resnet42')
+@pytest.mark.parametrize('overrides, message', [
+    (['--config.model.arch=resnet42'], "unknown model.arch 'resnet42'"),
+    (['--config.data.source=folder', '--config.data.folder=/nonexistent/images'],
+     "data.folder='/nonexistent/images' is not a directory"),
+])
+def test_bad_input_fails_before_work_with_a_message(tmp_path, overrides, message):
+  result = run_main(tmp_path, *overrides)
   assert result.returncode != 0
-  assert "unknown model.arch 'resnet42'" in result.stderr
+  assert message in result.stderr
   assert 'Traceback' not in result.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
 

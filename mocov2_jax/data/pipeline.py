@@ -77,7 +77,7 @@ def _list_images(directory):
 
 def _tfds_builder(cfg):
   try:
-    return tfds.builder(cfg.name, data_dir=cfg.data_dir)
+    return tfds.builder(cfg.name, data_dir=cfg.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(f'Unknown TFDS dataset data.name={cfg.name!r}.') from e
 
