@@ -218,3 +218,20 @@ def test_check_data_errors(tmp_path, tfds_dir):
     pipeline.check_data(config(source='hdf5'))
   with pytest.raises(ValueError, match='num_train'):
     pipeline.check_data(config(num_train=0))
+
+
+def test_folder_labels_follow_the_train_classes(tmp_path):
+  """A split missing a class keeps the train split's label ids; an extra class is refused."""
+  for split, classes in [('train', 'abc'), ('test', 'bc')]:
+    for c in classes:
+      (tmp_path / split / c).mkdir(parents=True)
+      Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / split / c / 'x.png')
+  cfg = config(source='folder', folder=str(tmp_path))
+  assert pipeline.num_classes(cfg) == 3
+  batch = take(pipeline.eval_dataset(cfg, 'test', local_batch_size=2), 1)[0]
+  assert sorted(batch['label'].tolist()) == [1, 2]
+  (tmp_path / 'test' / 'd').mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'test' / 'd' / 'y.png')
+  pipeline._list_images.cache_clear()
+  with pytest.raises(ValueError, match=r"classes the train split lacks: \['d'\]"):
+    pipeline.check_data(cfg)

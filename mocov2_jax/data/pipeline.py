@@ -56,17 +56,34 @@ def _folder_dir(cfg, split):
                    f'<split>/<class>/<image> (or <split>/<image> for unlabelled images).')
 
 
+def _subfolders(directory):
+  return sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
+
+
+def _class_names(cfg):
+  """The train split's class folders, sorted: label ids for every split, as torchvision's."""
+  return tuple(_subfolders(_folder_dir(cfg, cfg.train_split)))
+
+
+def _folder_images(cfg, split):
+  return _list_images(_folder_dir(cfg, split), _class_names(cfg))
+
+
 @functools.lru_cache(maxsize=8)
-def _list_images(directory):
-  """(files, labels): sub-folders are classes in sorted order; a flat folder is unlabelled (-1)."""
+def _list_images(directory, class_names):
+  """(files, labels) of `directory`'s class sub-folders; a flat folder is unlabelled (-1)."""
   is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS)
-  entries = sorted(e.name for e in os.scandir(directory) if not e.name.startswith('.'))
-  classes = [e for e in entries if os.path.isdir(os.path.join(directory, e))]
+  classes = _subfolders(directory)
   if not classes:
-    files = [os.path.join(directory, e) for e in entries if is_image(e)]
+    files = sorted(os.path.join(directory, e) for e in os.listdir(directory) if is_image(e))
     return files, np.full(len(files), -1, np.int32)
+  unknown = sorted(set(classes) - set(class_names))
+  if unknown:
+    raise ValueError(f'{directory!r} has classes the train split lacks: {unknown[:5]}; every '
+                     'split must use the train split\'s class folders.')
   files, labels = [], []
-  for label, name in enumerate(classes):
+  for name in classes:
+    label = class_names.index(name)
     for root, dirs, names in os.walk(os.path.join(directory, name)):
       dirs.sort()
       found = [os.path.join(root, n) for n in sorted(names) if is_image(n)]
@@ -90,7 +107,7 @@ def _source(cfg, split, process_index, process_count, shuffle_seed=None):
     ds = tf.data.Dataset.from_tensor_slices(dict(image=images[shard], label=labels[shard]))
     return ds, lambda image: image, len(labels[shard])
   if cfg.source == 'folder':
-    files, labels = _list_images(_folder_dir(cfg, split))
+    files, labels = _folder_images(cfg, split)
     ds = tf.data.Dataset.from_tensor_slices(dict(image=files[shard], label=labels[shard]))
     return ds, lambda path: _decode(tf.io.read_file(path)), len(labels[shard])
   if cfg.source == 'tfds':
@@ -146,7 +163,7 @@ def check_data(cfg):
       raise ValueError(f'data.folder={cfg.folder!r} is not a directory.')
     for split in (cfg.train_split, cfg.eval_split):
       directory = _folder_dir(cfg, split)
-      files, _ = _list_images(directory)
+      files, _ = _folder_images(cfg, split)
       if not files:
         raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in {directory!r} or its '
                          'class sub-folders.')
@@ -165,28 +182,43 @@ def num_examples(cfg, split):
   if cfg.source == 'tfds':
     return _tfds_builder(cfg).info.splits[split].num_examples
   if cfg.source == 'folder':
-    return len(_list_images(_folder_dir(cfg, split))[0])
+    return len(_folder_images(cfg, split)[0])
   raise ValueError(f'Unknown data.source={cfg.source!r}.')
 
 
-def pretrain_dataset(cfg, *, local_batch_size, seed, process_index=0, process_count=1):
-  """Infinite, shuffled batches of dict(view1, view2: float32 [B, S, S, 3], label: int32 [B])."""
+def pretrain_dataset(cfg, *, local_batch_size, seed, process_index=0, process_count=1,
+                     num_views=2):
+  """Infinite, shuffled batches of dict(view1, view2: float32 [B, S, S, 3], label: int32 [B]).
+
+  `num_views=1` gives dict(image, label) instead: the linear classifier's training input.
+  """
   shuffle_seed = (seed * 1_000_003 + process_index) % 2**31
   ds, decode, buffer = _source(cfg, cfg.train_split, process_index, process_count, shuffle_seed)
   ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=True).repeat().enumerate()
   base_seed = tf.constant([seed, process_index], tf.int64)
+  names = ('image',) if num_views == 1 else tuple(f'view{i + 1}' for i in range(num_views))
 
   def views(i, ex):
     example_seed = tf.random.experimental.stateless_fold_in(base_seed, i)
-    seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(example_seed, 2))
+    seeds = tf.unstack(tf.random.experimental.stateless_split(example_seed, num_views))
     image = decode(ex['image'])
-    return dict(view1=augment.view(image, seed1, cfg.augment, cfg.image_size),
-                view2=augment.view(image, seed2, cfg.augment, cfg.image_size),
-                label=ex['label'])
+    out = {name: augment.view(image, s, cfg.augment, cfg.image_size)
+           for name, s in zip(names, seeds)}
+    return dict(out, label=ex['label'])
 
   ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return _options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def num_classes(cfg) -> int:
+  """From the tfds info or the class folders of the train split (0: unlabelled data)."""
+  if cfg.source == 'tfds':
+    features = _tfds_builder(cfg).info.features
+    return int(features['label'].num_classes) if 'label' in features.keys() else 0
+  if cfg.source == 'synthetic':
+    return len(synthetic.CLASSES)
+  return len(_class_names(cfg))
 
 
 def eval_dataset(cfg, split, *, local_batch_size, process_index=0, process_count=1):

@@ -1,0 +1,145 @@
+"""Linear evaluation: the layer learns, the backbone stays put, resume, deterministic crops,
+clear errors. One tiny pre-training (2 steps of the demo at width 4, 16 px) serves the module."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mocov2_jax import linear_eval, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {'batch_size': 32, 'model.width': 4, 'moco.queue_size': 128, 'moco.bn_groups': 4,
+        'data.num_train': 128, 'data.num_eval': 64, 'data.image_size': 16,
+        'data.shuffle_buffer': 128, 'num_train_steps': 2, 'knn.every_epochs': 0,
+        'num_summary_pairs': 0, 'checkpoint_every_steps': 2}
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.update_from_flattened_dict(TINY)
+  workdir = str(tmp_path_factory.mktemp('pretrained'))
+  train.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def linear_config(pretrained, **changes):
+  """configs/linear_eval_cifar10.py: data, image size and model from the tiny pre-training."""
+  from configs import linear_eval_cifar10  # pylint: disable=g-import-not-at-top
+  c = linear_eval_cifar10.get_config()
+  c.update_from_flattened_dict({'pretrained': pretrained, 'batch_size': 32, 'num_epochs': 1,
+                                'log_every_steps': 2, 'eval_every_epochs': 1, **changes})
+  return c
+
+
+def test_linear_layer_separates_cached_features(tmp_path):
+  rng = np.random.default_rng(0)
+  centres = 4.0 * rng.normal(size=(4, 16))
+  def split(n):
+    y = rng.integers(0, 4, n).astype(np.int32)
+    return (centres[y] + rng.normal(size=(n, 16))).astype(np.float32), y
+  cfg = linear_config('unused', num_epochs=5, fast=True)
+  state, top1, top5 = linear_eval.fit_cached(cfg, str(tmp_path), split(256), split(64), 4)
+  assert top1 >= 95.0 and top5 == 100.0
+  assert int(state.step) == 5 * 256 // 32
+  assert state.params['classifier']['kernel'].shape == (16, 4)
+
+
+def test_protocol_trains_head_and_backbone_stays_bit_identical(pretrained, tmp_path):
+  r = linear_eval.evaluate(linear_config(pretrained), str(tmp_path))
+  assert r['mode'] == 'protocol' and r['backbone_unchanged']
+  assert r['step'] == 128 // 32 and r['epochs'] == 1.0
+  assert r['checkpoint'] == {'path': os.path.join(pretrained, 'checkpoints', '2'), 'step': 2}
+  assert r['feature_dim'] == 32 and r['num_classes'] == 10
+  saved = json.load(open(tmp_path / 'results.json'))
+  assert saved['top1'] == r['top1'] and saved['config']['model']['width'] == 4
+  assert saved['config']['data']['augment']['jitter_p'] == 0.0
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+
+  # The sanity check itself fails loudly on a backbone that moved by one ulp.
+  step_dir = r['checkpoint']['path']
+  frozen = linear_eval.load_backbone(step_dir)
+  linear_eval.check_unchanged(jax.device_put(frozen), step_dir)
+  kernel = frozen['params']['conv1']['kernel']
+  kernel.flat[0] = np.nextafter(kernel.flat[0], np.inf)
+  with pytest.raises(RuntimeError, match='conv1/kernel'):
+    linear_eval.check_unchanged(jax.device_put(frozen), step_dir)
+
+
+def test_fast_mode_resumes_and_continues_the_epoch_count(pretrained, tmp_path, caplog):
+  first = linear_eval.evaluate(linear_config(pretrained, fast=True), str(tmp_path))
+  assert first['mode'] == 'fast' and 'not the paper' in first['note']
+  assert (first['step'], first['epochs']) == (4, 1.0)
+  caplog.set_level('INFO')
+  second = linear_eval.evaluate(linear_config(pretrained, fast=True, num_epochs=2),
+                                str(tmp_path))
+  assert (second['step'], second['epochs']) == (8, 2.0)
+  assert 'Resumed from' in caplog.text and 'at step 4 (epoch 1.00)' in caplog.text
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '8']
+  with pytest.raises(ValueError, match='use a new --workdir'):  # another mode, same workdir
+    linear_eval.evaluate(linear_config(pretrained, fast=False, num_epochs=2), str(tmp_path))
+
+
+def test_eval_crops_are_deterministic(pretrained):
+  cfg, _, _ = linear_eval.check(linear_config(pretrained))
+  sharding = linear_eval.step_lib.mesh_and_shardings()[2]
+  features = linear_eval.make_features(linear_eval.backbone_module(cfg))
+  frozen = jax.device_put(linear_eval.load_backbone(cfg.pretrained_checkpoint))
+  (a, la), (b, lb) = (linear_eval.extract_features(cfg, features, frozen, 'test', sharding)
+                      for _ in range(2))
+  assert a.shape == (64, 32) and np.array_equal(a, b) and np.array_equal(la, lb)
+
+
+def test_data_and_model_come_from_the_pretraining_unless_overridden(pretrained, tmp_path):
+  cfg = linear_eval.resolve(linear_config(pretrained, **{'data.num_eval': 32}))
+  assert (cfg.model.arch, cfg.model.width, cfg.model.cifar_stem) == ('resnet18', 4, True)
+  assert (cfg.data.source, cfg.data.image_size, cfg.data.num_eval) == ('synthetic', 16, 64)
+  assert cfg.data.augment.crop_scale == (0.08, 1.0) and cfg.data.augment.jitter_p == 0.0
+  kept = linear_eval.resolve(linear_config(pretrained, **{'data.num_eval': 32}),
+                             overridden=('data.num_eval',))
+  assert (kept.data.num_eval, kept.data.image_size) == (32, 16)
+  # A step dir copied without its workdir's config.json: the model is read off the weights.
+  alone = tmp_path / 'copied' / 'checkpoints' / '2'
+  shutil.copytree(os.path.join(pretrained, 'checkpoints', '2'), alone)
+  cfg = linear_eval.resolve(linear_config(str(alone), data_from_pretrained=False))
+  assert (cfg.model.arch, cfg.model.width, cfg.model.cifar_stem) == ('resnet18', 4, True)
+
+
+def test_bad_input_gives_clear_errors(pretrained, tmp_path):
+  check = lambda **changes: linear_eval.check(linear_config(**{'pretrained': pretrained,
+                                                                **changes}))
+  with pytest.raises(ValueError, match='pretrained is required'):
+    check(pretrained='')
+  with pytest.raises(ValueError, match='does not exist'):
+    check(pretrained=str(tmp_path / 'missing'))
+  with pytest.raises(ValueError, match='holds a model with .*width=4.* says width=8'):
+    check(**{'model.width': 8})
+  # A config.json that lies about the weights: the shapes give it away.
+  liar = tmp_path / 'liar'
+  shutil.copytree(pretrained, liar)
+  config = json.load(open(liar / 'config.json'))
+  config['model']['width'] = 8
+  json.dump(config, open(liar / 'config.json', 'w'))
+  with pytest.raises(ValueError, match='does not fit a resnet18 of width 8'):
+    check(pretrained=str(liar))
+
+
+def test_command_line(pretrained, tmp_path):
+  cmd = [sys.executable, '-m', 'mocov2_jax.linear_eval', '--config=configs/linear_eval_cifar10.py',
+         '--config.fast=True', '--config.batch_size=32', '--config.num_epochs=2',
+         f'--workdir={tmp_path}']
+  bad = subprocess.run(cmd + ['--config.pretrained=/nonexistent/workdir'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and 'does not exist' in bad.stderr
+  assert 'Traceback' not in bad.stderr and not os.listdir(tmp_path)
+  ok = subprocess.run(cmd + [f'--config.pretrained={pretrained}/checkpoints/2'], cwd=REPO,
+                      capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  assert "fast mode (cached center-crop features), not the paper's protocol" in ok.stdout
+  assert json.load(open(tmp_path / 'results.json'))['step'] == 8
