@@ -128,8 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if lead:
     write_config(config, workdir)
 
-  mesh, repl, batch_sharding = step_lib.mesh_and_shardings()
-  del mesh
+  _, repl, batch_sharding = step_lib.mesh_and_shardings()
   model = step_lib.create_model(config)
   lr_schedule = optim.schedule(config.optim, config.batch_size, steps_per_epoch, config.num_epochs)
   state = step_lib.create_train_state(jax.random.PRNGKey(config.seed), config, model, lr_schedule,
@@ -156,7 +155,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   train_step = step_lib.jit_train_step(config, lr_schedule, repl, batch_sharding)
   monitor = KnnMonitor(config, model, batch_sharding) if config.knn.every_epochs > 0 else None
 
+  results_path = os.path.join(workdir, 'results.json')
   results = {}
+  if start > 0 and os.path.exists(results_path):  # keep what earlier runs measured (init kNN)
+    with open(results_path) as f:
+      results = json.load(f)
   if monitor and config.knn.at_init and start == 0:
     results['knn_top1_init'] = monitor(state)
     if results['knn_top1_init'] is not None:
@@ -202,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   save_final(ckpt, state)
   writer.flush()
   if lead:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    with open(results_path, 'w') as f:
       json.dump(dict(results, step=int(state.step), epochs=int(state.step) / steps_per_epoch), f,
                 indent=2)
   return results

@@ -37,8 +37,10 @@ def test_runs_checkpoints_and_resumes(tmp_path):
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resumed from' in second.stderr and 'at step 3' in second.stderr
   assert 'step 4/8' in second.stderr and 'step 2/8' not in second.stderr
-  assert 'random init' not in second.stdout  # the init kNN belongs to the first run
-  assert json.load(open(tmp_path / 'results.json'))['step'] == 8
+  assert 'kNN top-1 at init' not in second.stderr  # measured once, by the first run ...
+  assert 'random init' in second.stdout             # ... and still reported at the end
+  results = json.load(open(tmp_path / 'results.json'))
+  assert results['step'] == 8 and 'knn_top1_init' in results
   assert '8' in os.listdir(tmp_path / 'checkpoints')
 
 
