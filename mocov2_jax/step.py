@@ -53,12 +53,14 @@ def create_train_state(rng, config, model, lr_schedule, image_size: int) -> Trai
       queue_ptr=jnp.zeros((), jnp.int32), rng=step_rng)
 
 
-def train_step(state: TrainState, batch, *, moco_cfg, lr_schedule):
+def train_step(state: TrainState, batch, *, moco_cfg, lr_schedule, batch_sharding=None):
   """One MoCo step: momentum update, shuffled keys, InfoNCE, SGD, enqueue.
 
   `batch['view1']`, `batch['view2']`: the two views of the global batch, [N, H, W, 3].
   With `moco_cfg.symmetric`, both views serve as queries (the reference CIFAR demo's option):
-  loss = L(q1, k2) + L(q2, k1), and 2N keys are enqueued.
+  loss = L(q1, k2) + L(q2, k1), and 2N keys are enqueued. `batch_sharding` keeps the shuffled key
+  batch split over the devices (a gather alone would leave it replicated: every device would run
+  the key encoder on the whole global batch).
   """
   tau = moco_cfg.temperature
   key_params = moco.momentum_update(state.key_params, state.params, moco_cfg.momentum)
@@ -66,7 +68,10 @@ def train_step(state: TrainState, batch, *, moco_cfg, lr_schedule):
 
   def keys(x, rng, key_stats):
     perm, unperm = moco.shuffle(rng, x.shape[0])
-    (_, k), new = state.apply_fn({'params': key_params, 'batch_stats': key_stats}, x[perm],
+    x = x[perm]
+    if batch_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, batch_sharding)
+    (_, k), new = state.apply_fn({'params': key_params, 'batch_stats': key_stats}, x,
                                  train=True, mutable=['batch_stats'])
     return moco.normalize(k)[unperm], new['batch_stats']
 
@@ -108,6 +113,7 @@ def mesh_and_shardings():
 def jit_train_step(config, lr_schedule, state_sharding, batch_sharding):
   """The step compiled over the mesh, with the state donated (no copies, no host sync)."""
   def step(state, batch):
-    return train_step(state, batch, moco_cfg=config.moco, lr_schedule=lr_schedule)
+    return train_step(state, batch, moco_cfg=config.moco, lr_schedule=lr_schedule,
+                      batch_sharding=batch_sharding)
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, state_sharding), donate_argnums=0)

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
+from etils import epath
 
 from mocov2_jax import knn, optim, step as step_lib
 
@@ -29,6 +30,9 @@ def validate(config, num_devices: int, num_processes: int = 1):
   if k % keys_per_step:
     raise ValueError(f'moco.queue_size={k} is not a multiple of the {keys_per_step} keys '
                      f'enqueued per step: set --config.moco.queue_size to a multiple of it.')
+  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
+    if config[field] <= 0:
+      raise ValueError(f'{field}={config[field]} must be positive.')
   step_lib.create_model(config)  # unknown arch / head / dtype
 
 
@@ -44,9 +48,14 @@ def check(config) -> int:
   return num_train // config.batch_size
 
 
+def workdir_path(workdir) -> epath.Path:
+  """Local folders (made absolute, as orbax wants) or cloud URLs such as gs://bucket/run."""
+  return epath.Path(workdir if '://' in str(workdir) else os.path.abspath(workdir))
+
+
 def write_config(config, workdir):
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  (workdir_path(workdir) / 'config.json').write_text(
+      config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def prefetch_to_device(iterator, sharding, size=2):
@@ -122,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if config.num_train_steps > 0:
     total_steps = min(total_steps, config.num_train_steps)
 
-  os.makedirs(workdir, exist_ok=True)
+  workdir_path(workdir).mkdir(parents=True, exist_ok=True)
   lead = jax.process_index() == 0
   writer = metric_writers.create_default_writer(workdir, just_logging=not lead)
   if lead:
@@ -135,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                       config.data.image_size)
   state = jax.device_put(state, repl)
   ckpt = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      workdir_path(workdir) / 'checkpoints',
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints))
   if ckpt.latest_step() is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -155,11 +164,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   train_step = step_lib.jit_train_step(config, lr_schedule, repl, batch_sharding)
   monitor = KnnMonitor(config, model, batch_sharding) if config.knn.every_epochs > 0 else None
 
-  results_path = os.path.join(workdir, 'results.json')
+  results_path = workdir_path(workdir) / 'results.json'
   results = {}
-  if start > 0 and os.path.exists(results_path):  # keep what earlier runs measured (init kNN)
-    with open(results_path) as f:
-      results = json.load(f)
+  if start > 0 and results_path.exists():  # keep what earlier runs measured (init kNN)
+    results = json.loads(results_path.read_text())
   if monitor and config.knn.at_init and start == 0:
     results['knn_top1_init'] = monitor(state)
     if results['knn_top1_init'] is not None:
@@ -199,13 +207,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                        step / steps_per_epoch, results['knn_top1'])
         tick, tick_step = time.time(), step  # the monitor's time is not training time
   except KeyboardInterrupt:
-    logging.warning('Interrupted: saving step %d before exiting.', int(state.step))
-    save_final(ckpt, state)
+    try:
+      logging.warning('Interrupted: saving step %d before exiting.', int(state.step))
+      save_final(ckpt, state)
+    except RuntimeError:  # interrupted inside the step: its donated input is gone
+      logging.warning('Interrupted mid-step: the last periodic checkpoint stands.')
     raise
   save_final(ckpt, state)
   writer.flush()
   if lead:
-    with open(results_path, 'w') as f:
-      json.dump(dict(results, step=int(state.step), epochs=int(state.step) / steps_per_epoch), f,
-                indent=2)
+    results_path.write_text(json.dumps(
+        dict(results, step=int(state.step), epochs=int(state.step) / steps_per_epoch), indent=2))
   return results

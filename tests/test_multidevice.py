@@ -1,5 +1,7 @@
 """The step on 8 (fake CPU) devices equals the step on one: results depend on the BN group
 count, never on the device count. conftest.py asks XLA for 8 host devices."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +112,23 @@ def test_result_depends_on_bn_groups_not_devices(tiny_config):
   diff = np.abs(s2_8.batch_stats['backbone']['bn1']['var'] -
                 s8_8.batch_stats['backbone']['bn1']['var']).max()
   assert diff > 1e-5, 'BN running statistics should depend on the group count'
+
+
+def test_every_encoder_pass_runs_on_the_local_shard_only(tiny_config):
+  """The key shuffle gathers across devices; the key encoder must still see N / devices examples
+  per device, not the whole global batch (that would cost devices x the key compute)."""
+  config = tiny_config(**{'moco.bn_groups': 8, 'model.width': 2})
+  global_batch = 64
+  sched = optim.schedule(config.optim, global_batch, 10, 1)
+  repl, data = _shardings(jax.devices())
+  state = jax.eval_shape(lambda: step.create_train_state(
+      jax.random.PRNGKey(0), config, step.create_model(config), sched, IMAGE))
+  batch = {k: jax.ShapeDtypeStruct((global_batch, IMAGE, IMAGE, 3), jnp.float32)
+           for k in ('view1', 'view2')}
+  hlo = step.jit_train_step(config, sched, repl, data).lower(state, batch).compile().as_text()
+  convs = [line for line in hlo.splitlines() if ' convolution(' in line]
+  assert convs, 'no convolutions found in the compiled step'
+  local = global_batch // jax.device_count()
+  whole = [c for c in convs if re.search(rf'= f32\[{global_batch},', c)]
+  assert not whole, f'{len(whole)} convolutions run on the global batch, e.g. {whole[0][:200]}'
+  assert any(re.search(rf'= f32\[{local},', c) for c in convs)
