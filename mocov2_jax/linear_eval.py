@@ -370,10 +370,13 @@ def _check_workdir(cfg, workdir):
                        'use a new --workdir (or point --config.pretrained at that checkpoint).')
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, overridden=()):
-  """Linear evaluation of `config.pretrained`; writes `workdir`/results.json and returns it."""
+def evaluate(config: ml_collections.ConfigDict, workdir: str, overridden=(), checked=None):
+  """Linear evaluation of `config.pretrained`; writes `workdir`/results.json and returns it.
+
+  `checked`: what `check(config, overridden)` returned, when the caller has run it already.
+  """
   from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  cfg, steps_per_epoch, num_classes = check(config, overridden)
+  cfg, steps_per_epoch, num_classes = checked or check(config, overridden)
   _check_workdir(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
@@ -444,10 +447,10 @@ def main(argv):
   logging.info('JAX %s: %d processes, %d devices (%s).', jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
-    check(fv.config, overridden)
+    checked = check(fv.config, overridden)
   except ValueError as e:  # bad input: say what to change, before any long work
     raise app.UsageError(str(e)) from e
-  r = evaluate(fv.config, fv.workdir, overridden)
+  r = evaluate(fv.config, fv.workdir, overridden, checked)
   print(f'Linear top-1 {r["top1"]:.2f}%  top-5 {r["top5"]:.2f}%  after {r["epochs"]:g} epochs '
         f'on {r["checkpoint"]["path"]} -- {r["note"]}')
 

@@ -43,10 +43,10 @@ def main(argv):
   logging.info('JAX %s: %d processes, %d devices (%s).', jax.__version__, jax.process_count(),
                jax.device_count(), jax.devices()[0].platform)
   try:
-    train.check(flags.FLAGS.config)
+    steps_per_epoch = train.check(flags.FLAGS.config)
   except ValueError as e:  # bad input: say what to change, before any long work
     raise app.UsageError(str(e)) from e
-  results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+  results = train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir, steps_per_epoch)
   if results.get('knn_top1') is not None:
     init = results.get('knn_top1_init')
     print(f'kNN top-1 (k={flags.FLAGS.config.knn.k}): {results["knn_top1"]:.2f}%'

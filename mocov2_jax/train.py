@@ -122,10 +122,13 @@ def save_final(ckpt, state):
   ckpt.wait_until_finished()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Pre-trains MoCo; resumes from the latest checkpoint in `workdir`. Returns the final metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, steps_per_epoch=None):
+  """Pre-trains MoCo; resumes from the latest checkpoint in `workdir`. Returns the final metrics.
+
+  `steps_per_epoch`: what `check(config)` returned, when the caller has run the checks already.
+  """
   from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  steps_per_epoch = check(config)
+  steps_per_epoch = steps_per_epoch or check(config)
   num_train = pipeline.num_examples(config.data, config.data.train_split)
   total_steps = steps_per_epoch * config.num_epochs
   if config.num_train_steps > 0:

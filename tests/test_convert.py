@@ -14,95 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import torch
-import torch.nn as tnn
-import torch.nn.functional as F
 from safetensors.numpy import load_file
 
 from mocov2_jax import convert, defaults, optim, step as step_lib
-
-
-# ---------------------------------------------------------------------------------------------
-# An independent PyTorch ResNet in torchvision's published layout (torchvision itself is not
-# importable beside this torch); `width` is torchvision's 64 planes of the first stage.
-
-class Basic(tnn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride, downsample):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class Bottle(tnn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride, downsample):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = tnn.BatchNorm2d(planes * 4)
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
-    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-LAYOUT = {'resnet18': (Basic, [2, 2, 2, 2]), 'resnet50': (Bottle, [3, 4, 6, 3])}
-
-
-class TorchResNet(tnn.Module):
-  """fc: 'imagenet' (Linear(feat, 1000), torchvision's), 'linear' or 'mlp' (the MoCo heads)."""
-
-  def __init__(self, arch, width=64, cifar_stem=False, fc='imagenet', dim=128):
-    super().__init__()
-    block, layers = LAYOUT[arch]
-    if cifar_stem:  # the README's recipe: 3x3 stride-1 conv1, no max-pool
-      self.conv1, self.maxpool = tnn.Conv2d(3, width, 3, 1, 1, bias=False), tnn.Identity()
-    else:
-      self.conv1 = tnn.Conv2d(3, width, 7, 2, 3, bias=False)
-      self.maxpool = tnn.MaxPool2d(3, 2, 1)
-    self.bn1 = tnn.BatchNorm2d(width)
-    self.inplanes = width
-    for i, n in enumerate(layers):
-      setattr(self, f'layer{i + 1}', self._make_layer(block, width * 2**i, n, 1 if i == 0 else 2))
-    feat = self.inplanes
-    self.fc = {'imagenet': lambda: tnn.Linear(feat, 1000), 'linear': lambda: tnn.Linear(feat, dim),
-               'mlp': lambda: tnn.Sequential(tnn.Linear(feat, feat), tnn.ReLU(),
-                                             tnn.Linear(feat, dim))}[fc]()
-
-  def _make_layer(self, block, planes, n, stride):
-    down = None
-    if stride != 1 or self.inplanes != planes * block.expansion:
-      down = tnn.Sequential(tnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride,
-                                       bias=False), tnn.BatchNorm2d(planes * block.expansion))
-    blocks = [block(self.inplanes, planes, stride, down)]
-    self.inplanes = planes * block.expansion
-    blocks += [block(self.inplanes, planes, 1, None) for _ in range(1, n)]
-    return tnn.Sequential(*blocks)
-
-  def forward(self, x):
-    x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    h = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-    return h, self.fc(h)
-
-
-def torch_forward(model, x):
-  with torch.no_grad():
-    return [t.numpy() for t in model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2))]
+from tests.torch_resnet import TorchResNet, torch_forward
 
 
 # ---------------------------------------------------------------------------------------------

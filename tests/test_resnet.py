@@ -5,10 +5,10 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-import torch.nn as tnn
 import torch.nn.functional as F
 
 from mocov2_jax.models import resnet
+from tests.torch_resnet import TorchResNet
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,81 +137,6 @@ def test_feature_dims():
 # ---------------------------------------------------------------------------------------------
 # Equivalence with a torchvision-layout PyTorch ResNet (written here, torchvision not needed)
 
-class TBasicBlock(tnn.Module):
-  expansion = 1
-
-  def __init__(self, cin, planes, stride):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.downsample = None
-    if stride != 1 or cin != planes:
-      self.downsample = tnn.Sequential(tnn.Conv2d(cin, planes, 1, stride, bias=False),
-                                       tnn.BatchNorm2d(planes))
-
-  def forward(self, x):
-    y = F.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
-    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TBottleneck(tnn.Module):
-  expansion = 4
-
-  def __init__(self, cin, planes, stride):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(cin, planes, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # stride on the 3x3
-    self.bn2 = tnn.BatchNorm2d(planes)
-    self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = tnn.BatchNorm2d(planes * 4)
-    self.downsample = None
-    if stride != 1 or cin != planes * 4:
-      self.downsample = tnn.Sequential(tnn.Conv2d(cin, planes * 4, 1, stride, bias=False),
-                                       tnn.BatchNorm2d(planes * 4))
-
-  def forward(self, x):
-    y = F.relu(self.bn1(self.conv1(x)))
-    y = F.relu(self.bn2(self.conv2(y)))
-    y = self.bn3(self.conv3(y))
-    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TResNet(tnn.Module):
-  """torchvision.models.ResNet's layout with a configurable width; fc is the MoCo head."""
-
-  def __init__(self, block, layers, width, cifar_stem, head, dim):
-    super().__init__()
-    if cifar_stem:
-      self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-      self.maxpool = tnn.Identity()
-    else:
-      self.conv1 = tnn.Conv2d(3, width, 7, 2, 3, bias=False)
-      self.maxpool = tnn.MaxPool2d(3, 2, 1)
-    self.bn1 = tnn.BatchNorm2d(width)
-    cin = width
-    for i, n in enumerate(layers):
-      blocks = []
-      for j in range(n):
-        blocks.append(block(cin, width * 2**i, 2 if i > 0 and j == 0 else 1))
-        cin = width * 2**i * block.expansion
-      setattr(self, f'layer{i + 1}', tnn.Sequential(*blocks))
-    if head == 'mlp':
-      self.fc = tnn.Sequential(tnn.Linear(cin, cin), tnn.ReLU(), tnn.Linear(cin, dim))
-    else:
-      self.fc = tnn.Linear(cin, dim)
-
-  def forward(self, x):
-    x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-    for i in range(4):
-      x = getattr(self, f'layer{i + 1}')(x)
-    h = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-    return h, self.fc(h)
-
-
 def _torch_name(path):
   """('backbone', 'layer2_0', 'downsample_bn', 'scale') -> 'layer2.0.downsample.1.weight'."""
   mods, leaf = path[:-1], path[-1]
@@ -288,9 +213,7 @@ def test_matches_torchvision_layout_in_eval_mode(arch, cifar_stem, size, head):
   variables = _randomise_batch_stats(variables, 4)
   h, z = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, jnp.asarray(x))
 
-  block, layers = {'resnet18': (TBasicBlock, (2, 2, 2, 2)),
-                   'resnet50': (TBottleneck, (3, 4, 6, 3))}[arch]
-  tmodel = TResNet(block, layers, width, cifar_stem, head, dim).eval()
+  tmodel = TorchResNet(arch, width, cifar_stem, fc=head, dim=dim).eval()
   n_torch = sum(p.numel() for p in tmodel.parameters())
   assert n_torch == _count(variables['params'])
   _load_into_torch(tmodel, variables)
@@ -309,7 +232,7 @@ def test_matches_torch_in_train_mode_global_bn():
   variables = _randomise_batch_stats(model.init(jax.random.PRNGKey(6), jnp.asarray(x),
                                                 train=False), 7)
   (h, z), new = model.apply(variables, jnp.asarray(x), train=True, mutable=['batch_stats'])
-  tmodel = TResNet(TBasicBlock, (2, 2, 2, 2), 8, True, 'mlp', 16).train()
+  tmodel = TorchResNet('resnet18', 8, True, fc='mlp', dim=16).train()
   _load_into_torch(tmodel, variables)
   with torch.no_grad():
     th, tz = tmodel(torch.from_numpy(x).permute(0, 3, 1, 2))
