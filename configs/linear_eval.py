@@ -38,7 +38,8 @@ def get_config():
       arch=config_dict.placeholder(str), width=config_dict.placeholder(int),
       cifar_stem=config_dict.placeholder(bool), dtype='float32'))
   c.optim = ml_collections.ConfigDict(dict(
-      base_lr=30.0, lr_batch_base=256, momentum=0.9, weight_decay=0.0, schedule='step',
+      base_lr=30.0, lr_batch_base=256, lr_scaling='linear', momentum=0.9, weight_decay=0.0,
+      schedule='step',
       lr_drop_epochs=(60, 80)))
   # True: the data fields (where the data is, sizes, mean/std) come from the pre-training's
   # config.json, except those given on the command line; the crop + flip recipe stays this one's.

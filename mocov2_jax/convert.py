@@ -243,6 +243,10 @@ def export(checkpoint, fmt, out) -> str:
   elif fmt == 'torchvision':
     _torch_save(backbone, out)
   else:  # moco
+    if 'key_params' not in raw:
+      raise ValueError(f'{step_dir} has no key encoder (an end-to-end / SimCLR run?): the moco '
+                       'layout holds MoCo checkpoints; export the backbone with '
+                       '--format=torchvision, safetensors or detectron2')
     sd = {f'module.encoder_q.{k}': v for k, v in query.items()}
     sd.update({f'module.encoder_k.{k}': v for k, v in
                state_dict(raw['key_params'], raw['key_batch_stats'], step).items()})
@@ -315,14 +319,14 @@ def build_state(config, query, key=None, queue=None, queue_ptr=0):
   if not has_head:
     feat = resnet.feature_dim(config.model.arch, config.model.width)
     params['head'] = resnet.Head(config.model.head, config.model.dim).init(
-        init_rng, jnp.zeros((1, feat)))['params']
+        init_rng, jnp.zeros((1, feat)), train=False)['params']
   key_params, key_stats = (params, stats) if key is None else variables(key, like.params,
                                                                        like.batch_stats)
   if queue is None:
     queue = moco.init_queue(queue_rng, config.moco.queue_size, config.model.dim)
   arrays = jax.tree.map(jnp.asarray, (params, stats, key_params, key_stats, queue))
-  state = step_lib.TrainState.create(
-      apply_fn=model.apply, params=arrays[0], tx=optim.sgd(config.optim, lr),
+  state = step_lib.MoCoState.create(
+      apply_fn=model.apply, params=arrays[0], tx=optim.create(config.optim, lr),
       batch_stats=arrays[1], key_params=arrays[2], key_batch_stats=arrays[3], queue=arrays[4],
       queue_ptr=jnp.asarray(queue_ptr, jnp.int32), rng=step_rng)
   state = jax.device_put(state)  # as train.py: every leaf an array (step too)
@@ -358,6 +362,9 @@ def import_weights(fmt, path, out, config=None, arch=None, width=None, cifar_ste
   found = infer_model(query)
   check_model(found, dict(arch=arch, width=width, cifar_stem=cifar_stem), path, 'the command line')
   config = (config or defaults.base_config()).copy_and_resolve_references()
+  if config.get('method', 'moco') != 'moco':
+    raise ValueError(f'--from={fmt} writes a MoCo checkpoint; the config given is '
+                     f'method={config.method!r}: use a MoCo config')
   config.model.update(found)
   if queue is not None:
     if queue.shape[1] != config.model.dim:

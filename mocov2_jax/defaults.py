@@ -4,6 +4,7 @@ Every field a program reads is here, so `--config.field=value` can override any 
 misspelt override fails loudly.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from mocov2_jax.data import recipes
 
@@ -12,6 +13,7 @@ IMAGENET_EXAMPLES = 1_281_167
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.method = 'moco'                 # or 'simclr' (the end-to-end mechanism, Table 2)
   c.seed = 0
   c.batch_size = 256                # global, over all devices and hosts
   c.num_epochs = 200
@@ -21,9 +23,12 @@ def base_config() -> ml_collections.ConfigDict:
       arch='resnet50', width=64, cifar_stem=False, head='mlp', dim=128, dtype='float32'))
   c.moco = ml_collections.ConfigDict(dict(
       queue_size=65536, momentum=0.999, temperature=0.2, bn_groups=8, symmetric=False))
+  # SimCLR's own settings; its BN is global (one group over the 2N views of the global batch).
+  c.simclr = ml_collections.ConfigDict(dict(temperature=0.1))
   c.optim = ml_collections.ConfigDict(dict(
-      base_lr=0.03, lr_batch_base=256, momentum=0.9, weight_decay=1e-4, schedule='cosine',
-      lr_drop_epochs=(120, 160)))
+      optimizer='sgd', base_lr=0.03, lr_batch_base=256, lr_scaling='linear', momentum=0.9,
+      weight_decay=1e-4, schedule='cosine', lr_drop_epochs=(120, 160), warmup_epochs=0,
+      trust_coefficient=0.001))   # LARS only
 
   c.data = ml_collections.ConfigDict(dict(
       source='tfds', name='imagenet2012', data_dir='', manual_dir='', folder='',  # '' = unset
@@ -35,6 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
   # and demo configs switch it on.
   c.knn = ml_collections.ConfigDict(dict(
       every_epochs=0, k=200, temperature=0.1, at_init=False, train_split='', max_train=0))
+
+  # The paper's row this config reproduces (configs/table*.py), for `python -m mocov2_jax.report`.
+  c.paper = ml_collections.ConfigDict(dict(
+      table='', row='', top1=config_dict.placeholder(float), note=''))
 
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000

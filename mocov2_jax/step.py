@@ -1,4 +1,10 @@
-"""MoCo train state and the jitted train step (no TensorFlow here: it runs on NumPy-fed batches)."""
+"""Train states and jitted train steps of the two mechanisms (no TensorFlow here: they run on
+NumPy-fed batches).
+
+`config.method` picks one: 'moco' (a query encoder trained against a momentum key encoder and a
+queue) or 'simclr' (the end-to-end mechanism: both views through one encoder, negatives from the
+global batch). Both share the encoder, the metrics and the jitted, donated step over the mesh.
+"""
 from typing import Any
 
 import flax
@@ -10,18 +16,24 @@ from clu import metrics
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mocov2_jax import moco, optim
+from mocov2_jax import moco, optim, simclr
 from mocov2_jax.models import resnet
+
+METHODS = ('moco', 'simclr')
 
 
 class TrainState(train_state.TrainState):
-  """Query params + optimizer state (the base class), plus everything else MoCo carries."""
+  """Params + optimizer state (the base class), BN statistics and the step rng: all SimCLR needs."""
   batch_stats: Any
+  rng: jax.Array
+
+
+class MoCoState(TrainState):
+  """The query encoder is the base state; MoCo adds the key encoder and the queue."""
   key_params: Any
   key_batch_stats: Any
   queue: jax.Array
   queue_ptr: jax.Array
-  rng: jax.Array
 
 
 @flax.struct.dataclass
@@ -34,26 +46,36 @@ class TrainMetrics(metrics.Collection):
   lr: metrics.LastValue.from_output('lr')
 
 
+def bn_groups(config) -> int:
+  """MoCo: BN statistics per group of examples (shuffle BN). SimCLR: one group, global BN."""
+  return config.moco.bn_groups if config.method == 'moco' else 1
+
+
 def create_model(config) -> nn.Module:
-  return resnet.create_encoder(config.model, config.moco.bn_groups)
+  if config.method not in METHODS:
+    raise ValueError(f'unknown method {config.method!r}: choose one of {METHODS}')
+  return resnet.create_encoder(config.model, bn_groups(config))
 
 
 def create_train_state(rng, config, model, lr_schedule, image_size: int) -> TrainState:
-  """Query and key encoders start equal (the reference copies f_q into f_k)."""
+  """MoCo: query and key encoders start equal (the reference copies f_q into f_k)."""
   init_rng, queue_rng, step_rng = jax.random.split(rng, 3)
-  x = jnp.zeros((config.moco.bn_groups, image_size, image_size, 3), jnp.float32)
+  x = jnp.zeros((2 * bn_groups(config), image_size, image_size, 3), jnp.float32)
   variables = jax.jit(lambda r: model.init(r, x, train=False))(init_rng)
   params, batch_stats = variables['params'], variables['batch_stats']
-  return TrainState.create(
-      apply_fn=model.apply, params=params, tx=optim.sgd(config.optim, lr_schedule),
-      batch_stats=batch_stats,
+  tx = optim.create(config.optim, lr_schedule)
+  if config.method == 'simclr':
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
+                             rng=step_rng)
+  return MoCoState.create(
+      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
       key_params=jax.tree.map(jnp.copy, params),
       key_batch_stats=jax.tree.map(jnp.copy, batch_stats),
       queue=moco.init_queue(queue_rng, config.moco.queue_size, config.model.dim),
       queue_ptr=jnp.zeros((), jnp.int32), rng=step_rng)
 
 
-def train_step(state: TrainState, batch, *, moco_cfg, lr_schedule, batch_sharding=None):
+def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=None):
   """One MoCo step: momentum update, shuffled keys, InfoNCE, SGD, enqueue.
 
   `batch['view1']`, `batch['view2']`: the two views of the global batch, [N, H, W, 3].
@@ -104,6 +126,33 @@ def train_step(state: TrainState, batch, *, moco_cfg, lr_schedule, batch_shardin
   return state, TrainMetrics.single_from_model_output(**out)
 
 
+def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule):
+  """One end-to-end step: both views through the encoder (global BN over all 2N), NT-Xent over
+  the global batch, gradients through both views. LARS (or SGD) from the state's optimizer."""
+  tau = simclr_cfg.temperature
+  x = simclr.interleave(batch['view1'], batch['view2'])
+
+  def loss_fn(params):
+    (_, z), new = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
+                                 train=True, mutable=['batch_stats'])
+    loss, s = simclr.nt_xent(z, tau)
+    return loss, (s, new['batch_stats'])
+
+  (loss, (s, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  lr = lr_schedule(state.step)
+  state = state.apply_gradients(grads=grads, batch_stats=stats)
+  return state, TrainMetrics.single_from_model_output(loss=loss, lr=lr,
+                                                      **simclr.summaries(s, tau))
+
+
+def train_step(state, batch, *, config, lr_schedule, batch_sharding=None):
+  """The step of `config.method`."""
+  if config.method == 'simclr':
+    return simclr_step(state, batch, simclr_cfg=config.simclr, lr_schedule=lr_schedule)
+  return moco_step(state, batch, moco_cfg=config.moco, lr_schedule=lr_schedule,
+                   batch_sharding=batch_sharding)
+
+
 def mesh_and_shardings():
   """A 1-D `data` mesh over all devices: the batch is split on it, the state is replicated."""
   mesh = jax.sharding.Mesh(jax.devices(), ('data',))
@@ -113,7 +162,7 @@ def mesh_and_shardings():
 def jit_train_step(config, lr_schedule, state_sharding, batch_sharding):
   """The step compiled over the mesh, with the state donated (no copies, no host sync)."""
   def step(state, batch):
-    return train_step(state, batch, moco_cfg=config.moco, lr_schedule=lr_schedule,
+    return train_step(state, batch, config=config, lr_schedule=lr_schedule,
                       batch_sharding=batch_sharding)
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, state_sharding), donate_argnums=0)

@@ -17,23 +17,32 @@ from mocov2_jax import knn, optim, step as step_lib
 
 def validate(config, num_devices: int, num_processes: int = 1):
   """Fails before any long work with a message that says what to change."""
-  b, groups, k = config.batch_size, config.moco.bn_groups, config.moco.queue_size
+  b = config.batch_size
+  if config.method not in step_lib.METHODS:
+    raise ValueError(f'unknown method {config.method!r}: set --config.method to one of '
+                     f'{step_lib.METHODS}.')
   if b <= 0 or b % num_devices:
     raise ValueError(f'batch_size={b} is not divisible by the {num_devices} devices: set '
                      f'--config.batch_size to a multiple of {num_devices}.')
   if b % num_processes:
     raise ValueError(f'batch_size={b} is not divisible by the {num_processes} processes.')
-  if groups <= 0 or b % groups or b // groups < 2:
-    raise ValueError(f'batch_size={b} does not split into moco.bn_groups={groups} BN groups of '
-                     f'2 or more examples: change --config.moco.bn_groups or the batch size.')
-  keys_per_step = b * (2 if config.moco.symmetric else 1)
-  if k % keys_per_step:
-    raise ValueError(f'moco.queue_size={k} is not a multiple of the {keys_per_step} keys '
-                     f'enqueued per step: set --config.moco.queue_size to a multiple of it.')
+  if config.method == 'moco':
+    groups, k = config.moco.bn_groups, config.moco.queue_size
+    if groups <= 0 or b % groups or b // groups < 2:
+      raise ValueError(f'batch_size={b} does not split into moco.bn_groups={groups} BN groups '
+                       f'of 2 or more examples: change --config.moco.bn_groups or the batch size.')
+    keys_per_step = b * (2 if config.moco.symmetric else 1)
+    if k % keys_per_step:
+      raise ValueError(f'moco.queue_size={k} is not a multiple of the {keys_per_step} keys '
+                       f'enqueued per step: set --config.moco.queue_size to a multiple of it.')
+  elif b < 2:
+    raise ValueError(f'batch_size={b}: SimCLR needs 2 or more examples (the negatives).')
   for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if config[field] <= 0:
       raise ValueError(f'{field}={config[field]} must be positive.')
   step_lib.create_model(config)  # unknown arch / head / dtype
+  lr = optim.schedule(config.optim, b, 1, config.num_epochs)  # unknown schedule / scaling
+  optim.create(config.optim, lr)  # unknown optimizer
 
 
 def check(config) -> int:
@@ -154,8 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, steps_pe
     state = ckpt.restore(ckpt.latest_step(), args=ocp.args.StandardRestore(abstract))
     logging.info('Resumed from %s at step %d.', workdir, int(state.step))
   start = int(state.step)
-  logging.info('%d examples, %d steps per epoch, %d steps (%d epochs), %d devices, lr %.4g.',
-               num_train, steps_per_epoch, total_steps, config.num_epochs, jax.device_count(),
+  logging.info('%s: %d examples, %d steps per epoch, %d steps (%d epochs), %d devices, '
+               '%s lr %.4g.', config.method, num_train, steps_per_epoch, total_steps,
+               config.num_epochs, jax.device_count(), config.optim.optimizer,
                optim.learning_rate(config.optim, config.batch_size))
 
   ds = pipeline.pretrain_dataset(

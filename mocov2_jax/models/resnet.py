@@ -28,18 +28,21 @@ class GroupBatchNorm(nn.Module):
   This is how the reference gets per-GPU statistics (shuffle BN) and how its CIFAR demo emulates
   it on one GPU (SplitBatchNorm). The result depends on the group count, never on the device
   count. Running statistics follow PyTorch: momentum 0.1, unbiased variance, averaged over groups.
-  `groups=1` is plain (global) BatchNorm.
+  `groups=1` is plain BatchNorm over the whole (global) batch: under `jit` with the batch sharded
+  over devices, XLA computes its statistics across devices (SimCLR's global BN).
+  `use_bias=False`: no shift (SimCLR's last projection layer).
   """
   groups: int = 1
   momentum: float = 0.9
   epsilon: float = 1e-5
+  use_bias: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32) if self.use_bias else 0.0
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
     if train:
@@ -158,14 +161,20 @@ def feature_dim(arch: str, width: int = 64) -> int:
   return width * 8 * block_cls.expansion
 
 
+HEADS = ('linear', 'mlp', 'simclr')
+
+
 class Head(nn.Module):
-  """Projection head. 'linear': fc (MoCo v1); 'mlp': fc0 -> ReLU -> fc2 (MoCo v2)."""
+  """Projection head. 'linear': fc (MoCo v1); 'mlp': fc0 -> ReLU -> fc2 (MoCo v2);
+  'simclr': proj0 -> BN -> ReLU -> proj1 -> BN without shift (SimCLR v1: BN replaces the biases).
+  """
   kind: str = 'mlp'
   dim: int = 128
+  bn_groups: int = 1
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, train: bool):
     c = h.shape[-1]
     dense = functools.partial(nn.Dense, kernel_init=torch_linear_init(c),
                               bias_init=torch_linear_init(c), dtype=self.dtype,
@@ -174,7 +183,12 @@ class Head(nn.Module):
       return dense(self.dim, name='fc')(h)
     if self.kind == 'mlp':
       return dense(self.dim, name='fc2')(nn.relu(dense(c, name='fc0')(h)))
-    raise ValueError(f"unknown head {self.kind!r}: use 'linear' or 'mlp'")
+    if self.kind == 'simclr':
+      norm = functools.partial(GroupBatchNorm, groups=self.bn_groups, dtype=self.dtype)
+      h = nn.relu(norm(name='proj_bn0')(dense(c, use_bias=False, name='proj0')(h), train))
+      return norm(use_bias=False, name='proj_bn1')(
+          dense(self.dim, use_bias=False, name='proj1')(h), train)
+    raise ValueError(f'unknown head {self.kind!r}: use one of {HEADS}')
 
 
 class Encoder(nn.Module):
@@ -191,7 +205,8 @@ class Encoder(nn.Module):
   def __call__(self, x, train: bool):
     h = ResNet(self.arch, self.width, self.cifar_stem, self.bn_groups, self.dtype,
                name='backbone')(x, train)
-    return h, Head(self.head, self.dim, self.dtype, name='head')(h).astype(jnp.float32)
+    z = Head(self.head, self.dim, self.bn_groups, self.dtype, name='head')(h, train)
+    return h, z.astype(jnp.float32)
 
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -201,8 +216,8 @@ def create_encoder(model_cfg, bn_groups: int = 1) -> Encoder:
   """Builds the encoder from `config.model` (arch, width, cifar_stem, head, dim, dtype)."""
   if model_cfg.arch not in ARCHS:
     raise ValueError(f'unknown model.arch {model_cfg.arch!r}: choose one of {sorted(ARCHS)}')
-  if model_cfg.head not in ('linear', 'mlp'):
-    raise ValueError(f"unknown model.head {model_cfg.head!r}: choose 'linear' or 'mlp'")
+  if model_cfg.head not in HEADS:
+    raise ValueError(f'unknown model.head {model_cfg.head!r}: choose one of {HEADS}')
   if model_cfg.dtype not in DTYPES:
     raise ValueError(f'unknown model.dtype {model_cfg.dtype!r}: choose one of {sorted(DTYPES)}')
   return Encoder(model_cfg.arch, model_cfg.width, model_cfg.cifar_stem, bn_groups,
