@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.simclr = ml_collections.ConfigDict(dict(temperature=0.1))
   c.optim = ml_collections.ConfigDict(dict(
       optimizer='sgd', base_lr=0.03, lr_batch_base=256, lr_scaling='linear', momentum=0.9,
-      weight_decay=1e-4, schedule='cosine', lr_drop_epochs=(120, 160), warmup_epochs=0,
+      weight_decay=1e-4, schedule='cosine', lr_drop_epochs=(120, 160), warmup_epochs=0.0,
       trust_coefficient=0.001))   # LARS only
 
   c.data = ml_collections.ConfigDict(dict(
@@ -49,4 +49,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 2000
   c.keep_checkpoints = 3
   c.num_summary_pairs = 4
+  return c
+
+
+def use_simclr(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """SimCLR's ImageNet settings (Chen et al. 2020a), as the MoCo v2 paper's Table 2 compares:
+  end-to-end, tau 0.1, projection head 2048-2048-128 with BN, global BN, LARS (trust 0.001),
+  lr 0.3 x batch / 256, weight decay 1e-6, 10 warm-up epochs then a per-step cosine, SimCLR's
+  augmentation (strength-1 colour distortion, crops (0.08, 1), blur, images in [0, 1])."""
+  c.method = 'simclr'
+  c.model.head = 'simclr'
+  c.simclr.temperature = 0.1
+  c.optim.update(optimizer='lars', base_lr=0.3, lr_batch_base=256, lr_scaling='linear',
+                 momentum=0.9, weight_decay=1e-6, schedule='warmup_cosine', warmup_epochs=10.0,
+                 trust_coefficient=0.001)
+  c.data.augment = recipes.recipe('simclr')
   return c

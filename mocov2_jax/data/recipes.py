@@ -26,11 +26,14 @@ _RECIPES = dict(
     # SimCLR (ImageNet) for the Table 2 comparison.
     simclr=dict(_MOCOV2, crop_scale=(0.08, 1.0), interpolation='bicubic',
                 jitter=(0.8, 0.8, 0.8, 0.2), blur_kernel_frac=0.1, mean=None, std=None),
+    # SimCLR's CIFAR-10 choice: colour strength 0.5, no blur, 32 px.
+    simclr_cifar=dict(_MOCOV2, crop_scale=(0.08, 1.0), interpolation='bicubic',
+                      jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0, mean=None, std=None),
 )
 
 
 def recipe(name: str) -> ml_collections.ConfigDict:
-  """A fresh copy of the named recipe ('mocov1', 'mocov2', 'cifar', 'simclr')."""
+  """A fresh copy of the named recipe ('mocov1', 'mocov2', 'cifar', 'simclr', 'simclr_cifar')."""
   if name not in _RECIPES:
     raise ValueError(f'Unknown augmentation recipe {name!r}; pick one of {sorted(_RECIPES)}.')
   return ml_collections.ConfigDict(dict(_RECIPES[name]))
