@@ -5,8 +5,8 @@ Reads the JPEG folders of ../shared/data/cifar10_jpg.tar.gz (extracted once to -
 For each row of configs/table2_cifar10.py: pre-train (kNN at init and at the end), then linear
 evaluation (configs/linear_eval_cifar10.py; --linear_fast for the cached-feature mode).
 
-  python benchmarks/table2_cifar10.py --workdir=/tmp/table2_cifar10 --epochs=3 --linear_fast \
-      -- --config.model.width=16
+  python benchmarks/table2_cifar10.py --workdir=/tmp/table2_cifar10 --epochs=2 --linear_fast \
+      --linear_lr=1.0 -- --config.model.width=8
 
 Everything after `--` goes to both pre-training runs as config overrides. SimCLR's 10 warm-up
 epochs (of 200) are scaled to the run: --warmup_frac (default 0.05) x epochs.
@@ -44,6 +44,8 @@ def main():
   parser.add_argument('--epochs', type=int, default=200)
   parser.add_argument('--warmup_frac', type=float, default=0.05)
   parser.add_argument('--linear_fast', action='store_true')
+  parser.add_argument('--linear_lr', type=float, default=None,
+                      help="linear layer's base lr (default: the protocol's 30)")
   parser.add_argument('--data_root', default='/tmp/mocov2_jax_data')
   parser.add_argument('--rows', default=','.join(ROWS))
   args, overrides = parser.parse_known_args()
@@ -65,6 +67,8 @@ def main():
            f'--workdir={lin}']
     if args.linear_fast:
       cmd.append('--config.fast=True')
+    if args.linear_lr is not None:
+      cmd.append(f'--config.optim.base_lr={args.linear_lr}')
     minutes[f'{row} linear'] = run(cmd)
     linear_dirs.append(lin)
   subprocess.run([sys.executable, '-m', 'mocov2_jax.report', *linear_dirs], check=True, cwd=REPO)

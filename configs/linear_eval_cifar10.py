@@ -8,22 +8,11 @@ checkpoint is evaluated with
 python -m mocov2_jax.linear_eval --config=configs/linear_eval_cifar10.py \
     --config.pretrained=/tmp/mocov2_demo --config.fast=True --workdir=/tmp/mocov2_demo_linear
 """
-import importlib.util
-import os
-
-
-def _base():
-  """configs/linear_eval.py, loaded by path: `configs` is not an installed package."""
-  spec = importlib.util.spec_from_file_location(
-      'linear_eval_base_config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                              'linear_eval.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from mocov2_jax import defaults
 
 
 def get_config():
-  linear_eval = _base()
+  linear_eval = defaults.sibling_config(__file__, 'linear_eval')
   c = linear_eval.get_config()
   c.data_from_pretrained = True
   c.data.update(name='cifar10', train_split='train', eval_split='test', image_size=32,

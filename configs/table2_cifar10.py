@@ -11,30 +11,17 @@ are for comparing the two mechanisms on data anyone can run.
 python -m mocov2_jax.main --config=configs/table2_cifar10.py:simclr --workdir=DIR \
     --config.data.source=folder --config.data.folder=/path/to/cifar10_jpg
 """
-import importlib.util
-import os
-
 from mocov2_jax import defaults
 from mocov2_jax.data import recipes
 
 ROWS = ('mocov2', 'simclr')
 
 
-def _cifar10():
-  """configs/cifar10.py, loaded by path: `configs` is not an installed package."""
-  spec = importlib.util.spec_from_file_location(
-      'cifar10_base_config', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                          'cifar10.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def get_config(row=None):
   if row not in ROWS:
     raise ValueError(f'configs/table2_cifar10.py needs a row, as configs/table2_cifar10.py:ROW; '
                      f'got {row!r}. Rows: {", ".join(ROWS)}')
-  c = _cifar10()
+  c = defaults.sibling_config(__file__, 'cifar10').get_config()
   c.batch_size = 256
   if row == 'simclr':
     defaults.use_simclr(c)

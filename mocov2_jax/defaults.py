@@ -3,6 +3,9 @@
 Every field a program reads is here, so `--config.field=value` can override any of them and a
 misspelt override fails loudly.
 """
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -65,3 +68,13 @@ def use_simclr(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  trust_coefficient=0.001)
   c.data.augment = recipes.recipe('simclr')
   return c
+
+
+def sibling_config(config_file: str, name: str):
+  """The module of `configs/<name>.py` next to `config_file`: configs are files, not a package,
+  so a config that builds on another loads it by path."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'mocov2_jax_configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

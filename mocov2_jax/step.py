@@ -126,11 +126,14 @@ def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=
   return state, TrainMetrics.single_from_model_output(**out)
 
 
-def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule):
+def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule, batch_sharding=None):
   """One end-to-end step: both views through the encoder (global BN over all 2N), NT-Xent over
-  the global batch, gradients through both views. LARS (or SGD) from the state's optimizer."""
+  the global batch, gradients through both views. LARS (or SGD) from the state's optimizer.
+  `batch_sharding` keeps the 2N views split over the devices as the N examples were."""
   tau = simclr_cfg.temperature
   x = simclr.interleave(batch['view1'], batch['view2'])
+  if batch_sharding is not None:
+    x = jax.lax.with_sharding_constraint(x, batch_sharding)
 
   def loss_fn(params):
     (_, z), new = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
@@ -148,7 +151,8 @@ def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule):
 def train_step(state, batch, *, config, lr_schedule, batch_sharding=None):
   """The step of `config.method`."""
   if config.method == 'simclr':
-    return simclr_step(state, batch, simclr_cfg=config.simclr, lr_schedule=lr_schedule)
+    return simclr_step(state, batch, simclr_cfg=config.simclr, lr_schedule=lr_schedule,
+                       batch_sharding=batch_sharding)
   return moco_step(state, batch, moco_cfg=config.moco, lr_schedule=lr_schedule,
                    batch_sharding=batch_sharding)
 

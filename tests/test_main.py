@@ -92,3 +92,42 @@ def test_two_processes_train_one_global_batch(tmp_path):
   assert os.listdir(tmp_path / 'checkpoints') == ['2']
   assert json.load(open(tmp_path / 'results.json'))['step'] == 2
   assert len([f for f in os.listdir(tmp_path) if f.startswith('events.out')]) == 1
+
+
+SYNTHETIC = ['--config.data.source=synthetic', '--config.data.name=shapes',
+             '--config.data.train_split=train', '--config.data.eval_split=test',
+             '--config.data.eval_crop_frac=1.0', '--config.model.arch=resnet18',
+             '--config.model.cifar_stem=True']
+
+
+def test_table2_simclr_row_runs_exports_and_reports(tmp_path):
+  """A Table 2 SimCLR row, shrunk: pre-train (the end-to-end state), resume, export the backbone,
+  refuse the MoCo layout, evaluate, and the report puts the run in its row."""
+  pre, lin = tmp_path / 'pre', tmp_path / 'lin'
+  cmd = [sys.executable, '-m', 'mocov2_jax.main',
+         f'--config={REPO}/configs/table2.py:simclr_b256_e200', f'--workdir={pre}', *TINY,
+         *SYNTHETIC, '--config.optim.warmup_epochs=1.0', '--config.num_train_steps=3']
+  first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'simclr: 128 examples' in first.stderr and 'lars lr 0.0375' in first.stderr
+  second = subprocess.run(cmd[:-1], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'at step 3' in second.stderr and 'step 8/8' in second.stderr
+
+  from mocov2_jax import convert, report  # pylint: disable=g-import-not-at-top
+  convert.export(str(pre), 'safetensors', str(tmp_path / 'b.safetensors'))
+  with pytest.raises(ValueError, match='no key encoder'):
+    convert.export(str(pre), 'moco', str(tmp_path / 'm.pth'))
+  cmd = [sys.executable, '-m', 'mocov2_jax.linear_eval',
+         f'--config={REPO}/configs/linear_eval_cifar10.py', f'--config.pretrained={pre}',
+         f'--workdir={lin}', '--config.fast=True', '--config.batch_size=32',
+         '--config.num_epochs=2']
+  linear = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert linear.returncode == 0, linear.stderr[-3000:]
+  out = subprocess.run([sys.executable, '-m', 'mocov2_jax.report', str(lin)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  top1 = json.load(open(lin / 'results.json'))['top1']
+  row = [l for l in out.stdout.splitlines() if l.startswith('| simclr_b256_e200 |')]
+  assert row and f'| 61.9 | {top1:.2f} | {top1 - 61.9:+.1f} |' in row[0]
+  assert '| 2 | 32 | resnet18/4 | shapes | fast |' in row[0]

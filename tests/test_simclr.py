@@ -227,3 +227,22 @@ def test_simclr_step_one_device_equals_eight(tiny_config):
   assert float(m1[0]['lr']) == 0.0 and float(m1[1]['lr']) > 0  # warm-up starts at 0
   # Global BN: the head's last BN saw all 2N projections (its running mean moved).
   assert np.abs(s1.batch_stats['head']['proj_bn1']['mean']).max() > 0
+
+
+def test_encoder_runs_on_the_local_shard_only(tiny_config):
+  """The 2N views stay split over the devices: every convolution of the compiled 8-device step
+  sees 2N / 8 images; only the 128-d projections are gathered for NT-Xent."""
+  import re  # pylint: disable=g-import-not-at-top
+  config = _simclr_config(tiny_config)
+  config.model.width = 2
+  n = 64
+  sched = optim.schedule(config.optim, n, 10, 1)
+  repl, data = _shardings(jax.devices())
+  state = jax.eval_shape(lambda: step.create_train_state(
+      jax.random.PRNGKey(0), config, step.create_model(config), sched, IMAGE))
+  batch = {k: jax.ShapeDtypeStruct((n, IMAGE, IMAGE, 3), jnp.float32) for k in ('view1', 'view2')}
+  hlo = step.jit_train_step(config, sched, repl, data).lower(state, batch).compile().as_text()
+  convs = [line for line in hlo.splitlines() if ' convolution(' in line]
+  assert convs
+  assert not [c for c in convs if re.search(rf'= f32\[{2 * n},', c)]
+  assert any(re.search(rf'= f32\[{2 * n // 8},', c) for c in convs)
