@@ -51,18 +51,15 @@ def read_run(workdir) -> dict:
   cfg_path = os.path.join(pre_dir, 'config.json')
   cfg = _json(cfg_path, f'the pre-training config of {workdir} (which row it reproduces)')
   pre_results = os.path.join(pre_dir, 'results.json')
-  pre = _json(pre_results, 'the pre-training has not finished') if os.path.exists(
-      pre_results) else {}
-  label = cfg.get('paper') or {}
-  data = cfg.get('data') or {}
+  pre = _json(pre_results, '') if os.path.exists(pre_results) else {}  # epochs and kNN, if any
+  label, data, model = (cfg.get(k) or {} for k in ('paper', 'data', 'model'))
+  data_name = str(data.get('name', '?')) + (' (folder)' if data.get('folder') else '')
   return dict(
       workdir=workdir, table=str(label.get('table') or ''), row=str(label.get('row') or ''),
       top1=top1, top5=top5, mode=lin.get('mode', '?'), method=cfg.get('method', 'moco'),
       batch=cfg.get('batch_size'), epochs_planned=cfg.get('num_epochs'),
       epochs=pre.get('epochs'), knn=pre.get('knn_top1'),
-      data=data.get('folder') and f"{data.get('name')} (folder)" or data.get('name', '?'),
-      arch=f"{(cfg.get('model') or {}).get('arch', '?')}"
-           f"/{(cfg.get('model') or {}).get('width', '?')}")
+      data=data_name, arch=f"{model.get('arch', '?')}/{model.get('width', '?')}")
 
 
 def _fmt(x, digits=1):
