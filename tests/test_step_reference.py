@@ -270,7 +270,10 @@ DEMO_OPTIM = {'optim.base_lr': 0.96, 'optim.weight_decay': 5e-4, 'moco.temperatu
     ('linear', False, {}, STEPS),
     ('linear', False, DEMO_OPTIM, 1),
     ('mlp', True, {}, 1),  # symmetric: its float32 error grows ~10x a step on some CPUs
-], ids=['mlp', 'linear', 'linear-demo-optim', 'mlp-symmetric'])
+    # Weight decay on every parameter (BN and biases too): at 1e-4 it is ~2% of a BN update,
+    # at the edge of what the float32 tolerance below resolves; at 0.02 it is most of it.
+    ('linear', False, {'optim.weight_decay': 0.02}, 2),
+], ids=['mlp', 'linear', 'linear-demo-optim', 'mlp-symmetric', 'strong-weight-decay'])
 def test_steps_match_pytorch_reference(tiny_config, head, symmetric, overrides, steps):
   """Consecutive steps (SGD momentum buffer, queue pointer and cosine lr all in play), compared
   after each: loss and metrics, the updates of every query and key parameter, the parameters, the
