@@ -189,6 +189,29 @@ def test_full_resnet50_loads_strictly_and_reference_tools_accept_it(tmp_path):
                                 state.batch_stats['backbone']['layer4_2']['bn3']['var'])
 
 
+def test_demo_torchvision_variant_exports_a_stock_resnet18(tmp_path):
+  """The README's round trip: configs/demo.py:torchvision -> convert -> torchvision resnet18()."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config('torchvision')
+  state = random_state(config, seed=4)
+  workdir = save_workdir(tmp_path / 'wd', config, state)
+  convert.export(workdir, 'torchvision', str(tmp_path / 'resnet18.pth'))
+
+  ref = TorchResNet('resnet18')  # torchvision.models.resnet18(): width 64, ImageNet stem
+  sd = torch.load(tmp_path / 'resnet18.pth', weights_only=True)
+  assert {k: tuple(v.shape) for k, v in sd.items()} == {
+      k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.startswith('fc.')}
+  missing, unexpected = ref.load_state_dict(sd, strict=False)
+  assert sorted(missing) == ['fc.bias', 'fc.weight'] and not unexpected
+  x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  model = step_lib.create_model(config)
+  h, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
+  assert_close(torch_forward(ref, x)[0], np.asarray(h))
+
+  with pytest.raises(ValueError, match='configs/demo.py:torchvision'):
+    demo.get_config('torchvison')
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Import: bit-exact round trips that the pre-training program resumes from
