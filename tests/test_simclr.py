@@ -178,6 +178,13 @@ def test_simclr_head_layout():
                     mutable=['batch_stats'])
   np.testing.assert_allclose(np.asarray(z).mean(0), 0, atol=1e-5)  # BN output, no shift
 
+  # SimCLR initialises both kernels N(0, 0.01) (not PyTorch's Linear default, U(+-1/sqrt(fan_in))).
+  wide = resnet.Head('simclr', dim=128).init(jax.random.PRNGKey(1), jnp.ones((2, 512)),
+                                             train=False)['params']
+  for name in ('proj0', 'proj1'):
+    kernel = np.asarray(wide[name]['kernel'])
+    assert abs(kernel.mean()) < 1e-3 and 0.0097 < kernel.std() < 0.0103, (name, kernel.std())
+
 
 BATCH, IMAGE = 16, 16
 

@@ -183,11 +183,12 @@ class Head(nn.Module):
       return dense(self.dim, name='fc')(h)
     if self.kind == 'mlp':
       return dense(self.dim, name='fc2')(nn.relu(dense(c, name='fc0')(h)))
-    if self.kind == 'simclr':
+    if self.kind == 'simclr':  # SimCLR's linear_layer: kernels N(0, 0.01), no bias before a BN
+      proj = functools.partial(nn.Dense, use_bias=False, kernel_init=nn.initializers.normal(0.01),
+                               dtype=self.dtype, param_dtype=jnp.float32)
       norm = functools.partial(GroupBatchNorm, groups=self.bn_groups, dtype=self.dtype)
-      h = nn.relu(norm(name='proj_bn0')(dense(c, use_bias=False, name='proj0')(h), train))
-      return norm(use_bias=False, name='proj_bn1')(
-          dense(self.dim, use_bias=False, name='proj1')(h), train)
+      h = nn.relu(norm(name='proj_bn0')(proj(c, name='proj0')(h), train))
+      return norm(use_bias=False, name='proj_bn1')(proj(self.dim, name='proj1')(h), train)
     raise ValueError(f'unknown head {self.kind!r}: use one of {HEADS}')
 
 
