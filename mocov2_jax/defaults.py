@@ -52,6 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 2000
   c.keep_checkpoints = 3
   c.num_summary_pairs = 4
+  # > 0: one jax.profiler trace of this many steps from the run's 5th step (after compiling),
+  # in WORKDIR/plugins/profile for TensorBoard's profile tab (clu's Profile action).
+  c.profile_steps = 0
   return c
 
 

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 from etils import epath
 
 from mocov2_jax import knn, optim, step as step_lib
@@ -40,6 +40,8 @@ def validate(config, num_devices: int, num_processes: int = 1):
   for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if config[field] <= 0:
       raise ValueError(f'{field}={config[field]} must be positive.')
+  if config.profile_steps < 0:
+    raise ValueError(f'profile_steps={config.profile_steps}: 0 (no trace) or a number of steps.')
   step_lib.create_model(config)  # unknown arch / head / dtype
   lr = optim.schedule(config.optim, b, 1, config.num_epochs)  # unknown schedule / scaling
   optim.create(config.optim, lr)  # unknown optimizer
@@ -187,6 +189,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, steps_pe
       writer.write_scalars(0, {'knn_top1': results['knn_top1_init']})
       logging.info('kNN top-1 at init: %.2f%%', results['knn_top1_init'])
 
+  profile = None
+  if lead and config.profile_steps > 0:
+    profile = periodic_actions.Profile(
+        logdir=str(workdir_path(workdir)), num_profile_steps=config.profile_steps,
+        profile_duration_ms=None, first_profile=start + 5, every_steps=None, every_secs=None)
+
   metrics, tick, tick_step = None, time.time(), start
   try:
     for step in range(start + 1, total_steps + 1):
@@ -197,6 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, steps_pe
             from_device, config.data.augment, config.num_summary_pairs)})
       state, m = train_step(state, batch)
       metrics = m if metrics is None else metrics.merge(m)
+      if profile:
+        profile(step)
       if step % config.log_every_steps == 0 or step == total_steps:
         scalars = {k: float(v) for k, v in metrics.compute().items()}
         rate = (step - tick_step) / (time.time() - tick)
@@ -226,6 +236,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, steps_pe
     except RuntimeError:  # interrupted inside the step: its donated input is gone
       logging.warning('Interrupted mid-step: the last periodic checkpoint stands.')
     raise
+  finally:
+    if profile:
+      try:
+        jax.profiler.stop_trace()  # a trace still open when the run ended
+      except RuntimeError:
+        pass  # none was
   save_final(ckpt, state)
   writer.flush()
   if lead:

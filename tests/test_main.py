@@ -33,8 +33,12 @@ def test_runs_checkpoints_and_resumes(tmp_path):
   assert json.load(open(tmp_path / 'results.json'))['step'] == 3
   assert 'kNN top-1 (k=200)' in first.stdout and 'random init' in first.stdout
 
-  second = run_main(tmp_path)  # 2 epochs of 128 / 32 = 8 steps in all
+  assert not os.path.exists(tmp_path / 'plugins')  # no profile unless asked for
+
+  second = run_main(tmp_path, '--config.profile_steps=2')  # 2 epochs of 128 / 32 = 8 steps
   assert second.returncode == 0, second.stderr[-3000:]
+  # clu's Profile action starts at the run's 5th step (step 8 here); the end of the run closes it.
+  assert list((tmp_path / 'plugins' / 'profile').glob('*/*.xplane.pb'))
   assert 'Resumed from' in second.stderr and 'at step 3' in second.stderr
   assert 'step 4/8' in second.stderr and 'step 2/8' not in second.stderr
   assert 'kNN top-1 at init' not in second.stderr  # measured once, by the first run ...
