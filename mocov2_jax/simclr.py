@@ -36,6 +36,15 @@ def nt_xent(z, tau: float):
   return loss, s
 
 
+def loss(z, tau: float):
+  """The loss SimCLR's code optimises: each view's mean NT-Xent over its N anchors, summed over
+  the two views (`reduce_mean(loss_a + loss_b)`), i.e. twice `nt_xent`, the paper's Eq. 1 mean
+  over 2N. The factor is not cosmetic: LARS steps the parameters it does not adapt (BN, biases)
+  by lr x gradient. Returns (loss, similarities / tau)."""
+  mean, s = nt_xent(z, tau)
+  return 2.0 * mean, s
+
+
 def summaries(s, tau: float, ks=(1, 5)):
   """Mean positive and negative cosine, and how often the positive ranks in the top k."""
   n2 = s.shape[0]

@@ -138,7 +138,7 @@ def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule, batch_shar
   def loss_fn(params):
     (_, z), new = state.apply_fn({'params': params, 'batch_stats': state.batch_stats}, x,
                                  train=True, mutable=['batch_stats'])
-    loss, s = simclr.nt_xent(z, tau)
+    loss, s = simclr.loss(z, tau)
     return loss, (s, new['batch_stats'])
 
   (loss, (s, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -236,6 +236,41 @@ def test_simclr_step_one_device_equals_eight(tiny_config):
   assert np.abs(s1.batch_stats['head']['proj_bn1']['mean']).max() > 0
 
 
+def _np_simclr_code_loss(z, tau):
+  """SimCLR's objective.py in NumPy: views a, b; logits [a.b^T, a.a^T - self] / tau against the
+  one-hot label of the pair, and the same for b; the mean over examples of loss_a + loss_b."""
+  z = z / np.linalg.norm(z, axis=1, keepdims=True)
+  a, b = z[0::2], z[1::2]  # the step interleaves the views: example i at rows 2i, 2i + 1
+  n = len(a)
+  def xent(x, y):
+    logits = np.concatenate([x @ y.T, x @ x.T - 1e9 * np.eye(n)], axis=1) / tau
+    logits -= logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return -logp[np.arange(n), np.arange(n)]
+  return np.mean(xent(a, b) + xent(b, a))
+
+
+def test_step_loss_is_the_one_simclr_code_optimises(tiny_config):
+  """SimCLR's code sums the two views' mean losses: twice Eq. 1's mean over 2N. The step's loss
+  (the function it differentiates) equals that, on the projections of the step's own forward."""
+  config = _simclr_config(tiny_config)
+  tau = config.simclr.temperature
+  model = step.create_model(config)
+  sched = optim.schedule(config.optim, BATCH, 2, 3)
+  state = step.create_train_state(jax.random.PRNGKey(0), config, model, sched, IMAGE)
+  rng = np.random.default_rng(3)
+  batch = {k: rng.normal(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
+           for k in ('view1', 'view2')}
+  (_, z), _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                          simclr.interleave(batch['view1'], batch['view2']), train=True,
+                          mutable=['batch_stats'])
+  z = np.asarray(z, np.float64)
+  want = _np_simclr_code_loss(z, tau)
+  np.testing.assert_allclose(want, 2 * _np_nt_xent(z, tau), rtol=1e-9)  # the two definitions
+  _, metrics = step.train_step(state, batch, config=config, lr_schedule=sched)
+  np.testing.assert_allclose(float(metrics.compute()['loss']), want, rtol=1e-5)
+
+
 def test_encoder_runs_on_the_local_shard_only(tiny_config):
   """The 2N views stay split over the devices: every convolution of the compiled 8-device step
   sees 2N / 8 images; only the 128-d projections are gathered for NT-Xent."""
