@@ -212,7 +212,6 @@ def test_demo_torchvision_variant_exports_a_stock_resnet18(tmp_path):
     demo.get_config('torchvison')
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Import: bit-exact round trips that the pre-training program resumes from
 

@@ -178,7 +178,7 @@ def test_simclr_head_layout():
                     mutable=['batch_stats'])
   np.testing.assert_allclose(np.asarray(z).mean(0), 0, atol=1e-5)  # BN output, no shift
 
-  # SimCLR initialises both kernels N(0, 0.01) (not PyTorch's Linear default, U(+-1/sqrt(fan_in))).
+  # SimCLR initialises both kernels N(0, 0.01), not as PyTorch's Linear (U(+-1/sqrt(fan_in))).
   wide = resnet.Head('simclr', dim=128).init(jax.random.PRNGKey(1), jnp.ones((2, 512)),
                                              train=False)['params']
   for name in ('proj0', 'proj1'):
