@@ -197,6 +197,13 @@ def _randomise_batch_stats(variables, seed):
   return {c: jax.tree_util.tree_map_with_path(f, variables[c]) for c in variables}
 
 
+def _assert_close(flax_out, torch_out):
+  """Float32 agreement: 1e-4 relative, or 1e-5 of the output's scale near zero."""
+  t = torch_out.numpy()
+  assert np.abs(t).max() > 1e-2  # the comparison is not between zeros
+  np.testing.assert_allclose(np.asarray(flax_out), t, rtol=1e-4, atol=1e-5 * np.abs(t).max())
+
+
 @pytest.mark.parametrize('arch,cifar_stem,size,head', [
     ('resnet18', False, 64, 'mlp'),
     ('resnet18', True, 16, 'linear'),
@@ -220,11 +227,8 @@ def test_matches_torchvision_layout_in_eval_mode(arch, cifar_stem, size, head):
   with torch.no_grad():
     th, tz = tmodel(torch.from_numpy(x).permute(0, 3, 1, 2))
   assert h.shape == (3, resnet.feature_dim(arch, width)) and z.shape == (3, dim)
-  np.testing.assert_allclose(np.asarray(h), th.numpy(), rtol=1e-4,
-                             atol=1e-5 * np.abs(th.numpy()).max())  # float32, relative to scale
-  np.testing.assert_allclose(np.asarray(z), tz.numpy(), rtol=1e-4,
-                             atol=1e-5 * np.abs(tz.numpy()).max())  # float32, relative to scale
-  assert np.abs(th.numpy()).max() > 1e-2  # the comparison is not between zeros
+  _assert_close(h, th)
+  _assert_close(z, tz)
 
 
 def test_matches_torch_in_train_mode_global_bn():
@@ -238,10 +242,8 @@ def test_matches_torch_in_train_mode_global_bn():
   _load_into_torch(tmodel, variables)
   with torch.no_grad():
     th, tz = tmodel(torch.from_numpy(x).permute(0, 3, 1, 2))
-  np.testing.assert_allclose(np.asarray(h), th.numpy(), rtol=1e-4,
-                             atol=1e-5 * np.abs(th.numpy()).max())  # float32, relative to scale
-  np.testing.assert_allclose(np.asarray(z), tz.numpy(), rtol=1e-4,
-                             atol=1e-5 * np.abs(tz.numpy()).max())  # float32, relative to scale
+  _assert_close(h, th)
+  _assert_close(z, tz)
   tsd = tmodel.state_dict()
   for p, v in jax.tree_util.tree_flatten_with_path(new['batch_stats'])[0]:
     name = _torch_name(tuple(k.key for k in p))
