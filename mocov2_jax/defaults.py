@@ -40,9 +40,11 @@ def base_config() -> ml_collections.ConfigDict:
       augment=recipes.recipe('mocov2')))
 
   # kNN monitor: off for ImageNet (a 1.28M x 2048 bank does not fit beside training); the CIFAR
-  # and demo configs switch it on.
+  # and demo configs switch it on. Each pass measures both features (pooled backbone, head
+  # output); `feature` is the one reported as knn_top1.
   c.knn = ml_collections.ConfigDict(dict(
-      every_epochs=0, k=200, temperature=0.1, at_init=False, train_split='', max_train=0))
+      every_epochs=0, k=200, temperature=0.1, at_init=False, train_split='', max_train=0,
+      feature='backbone'))
 
   # The paper's row this config reproduces (configs/table*.py), for `python -m mocov2_jax.report`.
   c.paper = ml_collections.ConfigDict(dict(

@@ -41,24 +41,30 @@ def accuracy(train_feats, train_labels, test_feats, test_labels, *, k=200, tau=0
   return 100.0 * float(np.mean(pred == test_labels))
 
 
+FEATURES = ('backbone', 'head')
+
+
 def make_feature_fn(model, batch_sharding):
-  """Normalised backbone features in inference mode (BN running statistics), jitted."""
+  """Both monitor features of one inference-mode pass (BN running statistics), L2-normalised:
+  'backbone', the pooled features, and 'head', the head's output (the reference CIFAR demo's
+  monitor: its encoder keeps the fc layer)."""
   @functools.partial(jax.jit, in_shardings=(None, batch_sharding), out_shardings=batch_sharding)
   def features(variables, images):
-    h, _ = model.apply(variables, images, train=False)
-    return moco.normalize(h)
+    h, z = model.apply(variables, images, train=False)
+    return {'backbone': moco.normalize(h), 'head': moco.normalize(z)}
   return features
 
 
 def extract(feature_fn, variables, batches, to_device):
-  """Features and labels of every real (mask = 1) example of `batches`, gathered on every host."""
+  """Features (an array, or a dict of arrays as `feature_fn` returns) and labels of every real
+  (mask = 1) example of `batches`, gathered on every host."""
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
   feats, labels = [], []
   for batch in batches:
-    f = feature_fn(variables, to_device(batch['image']))
-    f = multihost_utils.process_allgather(f, tiled=True)
-    lab, mask = (multihost_utils.process_allgather(to_device(batch[k]), tiled=True)
-                 for k in ('label', 'mask'))
-    keep = np.asarray(mask).astype(bool)
-    feats.append(np.asarray(f)[keep])
-    labels.append(np.asarray(lab)[keep])
-  return np.concatenate(feats), np.concatenate(labels).astype(np.int32)
+    f = jax.tree.map(gather, feature_fn(variables, to_device(batch['image'])))
+    lab, mask = (gather(to_device(batch[k])) for k in ('label', 'mask'))
+    keep = mask.astype(bool)
+    feats.append(jax.tree.map(lambda a: a[keep], f))
+    labels.append(lab[keep])
+  feats = jax.tree.map(lambda *a: np.concatenate(a), *feats)
+  return feats, np.concatenate(labels).astype(np.int32)

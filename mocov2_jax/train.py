@@ -40,6 +40,8 @@ def validate(config, num_devices: int, num_processes: int = 1):
   for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
     if config[field] <= 0:
       raise ValueError(f'{field}={config[field]} must be positive.')
+  if config.knn.feature not in knn.FEATURES:
+    raise ValueError(f'knn.feature={config.knn.feature!r}: choose one of {knn.FEATURES}.')
   if config.profile_steps < 0:
     raise ValueError(f'profile_steps={config.profile_steps}: 0 (no trace) or a number of steps.')
   step_lib.create_model(config)  # unknown arch / head / dtype
@@ -99,7 +101,8 @@ def format_eta(seconds):
 
 
 class KnnMonitor:
-  """kNN top-1 of the backbone features on the labelled eval split, against the train split."""
+  """kNN top-1 on the labelled eval split against the train split, for each feature of
+  `knn.FEATURES` ({feature: top-1}; None for unlabelled data)."""
 
   def __init__(self, config, model, batch_sharding):
     from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -123,8 +126,8 @@ class KnnMonitor:
     if bank_labels.min() < 0:
       return None  # unlabelled data: nothing to monitor
     test, test_labels = self._split(variables, cfg.data.eval_split)
-    return knn.accuracy(bank, bank_labels, test, test_labels, k=cfg.knn.k,
-                        tau=cfg.knn.temperature)
+    return {f: knn.accuracy(bank[f], bank_labels, test[f], test_labels, k=cfg.knn.k,
+                            tau=cfg.knn.temperature) for f in knn.FEATURES}
 
 
 def save_final(ckpt, state):
@@ -183,11 +186,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, steps_pe
   results = {}
   if start > 0 and results_path.exists():  # keep what earlier runs measured (init kNN)
     results = json.loads(results_path.read_text())
+  history = results.setdefault('knn_history', [])
+
+  def monitor_and_log(step, seconds):
+    """Runs the monitor; its `knn.feature` is `knn_top1`, every feature goes to the history."""
+    accs = monitor(state)
+    if accs is None:
+      return None
+    epoch = step / steps_per_epoch
+    history.append(dict(step=step, epoch=epoch, train_seconds=seconds, **accs))
+    writer.write_scalars(step, {'knn_top1': accs[config.knn.feature],
+                                **{f'knn_top1_{f}': a for f, a in accs.items()}})
+    logging.info('kNN top-1 at step %d (epoch %.2f): %.2f%% (%s; %s)', step, epoch,
+                 accs[config.knn.feature], config.knn.feature,
+                 ', '.join(f'{f} {a:.2f}%' for f, a in accs.items()))
+    if lead:  # the curve so far survives a crash
+      results_path.write_text(json.dumps(results, indent=2))
+    return accs[config.knn.feature]
+
   if monitor and config.knn.at_init and start == 0:
-    results['knn_top1_init'] = monitor(state)
-    if results['knn_top1_init'] is not None:
-      writer.write_scalars(0, {'knn_top1': results['knn_top1_init']})
-      logging.info('kNN top-1 at init: %.2f%%', results['knn_top1_init'])
+    results['knn_top1_init'] = monitor_and_log(0, 0.0)
 
   profile = None
   if lead and config.profile_steps > 0:
@@ -196,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, steps_pe
         profile_duration_ms=None, first_profile=start + 5, every_steps=None, every_secs=None)
 
   metrics, tick, tick_step = None, time.time(), start
+  since = time.time()   # wall time since the last kNN pass ended (the epoch's time)
   try:
     for step in range(start + 1, total_steps + 1):
       batch = next(batches)
@@ -223,12 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, steps_pe
       epoch_end = step % steps_per_epoch == 0
       if monitor and ((epoch_end and (step // steps_per_epoch) % config.knn.every_epochs == 0)
                       or step == total_steps):
-        results['knn_top1'] = monitor(state)
-        if results['knn_top1'] is not None:
-          writer.write_scalars(step, {'knn_top1': results['knn_top1']})
-          logging.info('kNN top-1 at step %d (epoch %.2f): %.2f%%', step,
-                       step / steps_per_epoch, results['knn_top1'])
-        tick, tick_step = time.time(), step  # the monitor's time is not training time
+        jax.block_until_ready(state)
+        results['knn_top1'] = monitor_and_log(step, time.time() - since)
+        since = time.time()
+        tick, tick_step = since, step  # the monitor's time is not training time
   except KeyboardInterrupt:
     try:
       logging.warning('Interrupted: saving step %d before exiting.', int(state.step))
