@@ -1,7 +1,7 @@
 r"""The MoCo v2 paper's Table 3: memory and time of MoCo against the end-to-end mechanism.
 
 For MoCo v2 and SimCLR (end-to-end) at the same batch, and SimCLR at a large batch, builds the
-real train step (`step.jit_train_step`) on one device, reads its peak memory from XLA's memory
+real train step (`methods.jit_train_step`) on one device, reads its peak memory from XLA's memory
 analysis of the compiled step (arguments + outputs - donated aliases + temporaries), and times
 steps on synthetic batches (no input pipeline: this measures the step). Prints a Markdown table
 with the ratios beside the paper's (8 V100: 5.0 vs 7.4 GB per GPU, 53 vs 65 hours).
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mocov2_jax import defaults, optim, step  # noqa: E402  pylint: disable=g-import-not-at-top
+from mocov2_jax import defaults, optim, methods  # noqa: E402  pylint: disable=g-import-not-at-top
 
 PAPER = {'memory': (5.0, 7.4), 'hours': (53.0, 65.0)}  # MoCo, end-to-end; 8 V100, batch 256
 
@@ -43,11 +43,11 @@ def measure(method, args, batch, time_it=True):
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   sched = optim.schedule(config.optim, batch, 1000, config.num_epochs)
-  model = step.create_model(config)
-  state = step.create_train_state(jax.random.PRNGKey(0), config, model, sched, args.image_size)
+  model = methods.create_model(config)
+  state = methods.create_train_state(jax.random.PRNGKey(0), config, model, sched, args.image_size)
   state = jax.device_put(state, repl)
   shape = (batch, args.image_size, args.image_size, 3)
-  train_step = step.jit_train_step(config, sched, repl, data)
+  train_step = methods.jit_train_step(config, sched, repl, data)
   spec = {k: jax.ShapeDtypeStruct(shape, np.float32, sharding=data) for k in ('view1', 'view2')}
   tick = time.time()
   compiled = train_step.lower(state, spec).compile()

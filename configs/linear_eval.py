@@ -46,6 +46,11 @@ def get_config():
   c.data_from_pretrained = False
   c.data = defaults.base_config().data
   c.data.augment = linear_recipe()
+  # Fast mode trains one head per lr of this grid (x batch / 256; optim.base_lr is added) in the
+  # same pass and reports the one that does best on `holdout_fraction` of train (never test),
+  # beside the protocol lr's. () trains the protocol lr alone, on all of train.
+  c.sweep_lrs = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+  c.holdout_fraction = 0.1
   c.eval_every_epochs = 10          # top-1/top-5 on data.eval_split; 0: only at the end
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000   # and at the end; the last `keep_checkpoints` are kept

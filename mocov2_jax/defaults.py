@@ -4,9 +4,9 @@ Every field a program reads is here, so `--config.field=value` can override any 
 misspelt override fails loudly.
 """
 import importlib.util
-import os
 
 import ml_collections
+from etils import epath
 from ml_collections import config_dict
 
 from mocov2_jax.data import recipes
@@ -78,7 +78,7 @@ def use_simclr(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def sibling_config(config_file: str, name: str):
   """The module of `configs/<name>.py` next to `config_file`: configs are files, not a package,
   so a config that builds on another loads it by path."""
-  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
+  path = str(epath.Path(config_file).resolve().parent / f'{name}.py')
   spec = importlib.util.spec_from_file_location(f'mocov2_jax_configs_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

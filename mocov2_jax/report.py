@@ -8,8 +8,10 @@ the epochs and batch shown are those the pre-training actually ran. Rows with no
 not run, never filled in; a workdir that cannot be read is refused with the reason.
 """
 import json
-import os
 import sys
+
+from absl import app
+from etils import epath
 
 from mocov2_jax import paper
 
@@ -19,11 +21,10 @@ class ReportError(ValueError):
 
 
 def _json(path, what):
-  if not os.path.exists(path):
+  if not path.exists():
     raise ReportError(f'{path} not found: {what}')
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ReportError(f'{path} is not valid JSON ({e})') from e
   if not isinstance(data, dict):
@@ -40,18 +41,18 @@ def _number(d, key, path):
 
 def read_run(workdir) -> dict:
   """One finished linear evaluation and the pre-training it evaluated."""
-  path = os.path.join(workdir, 'results.json')
+  path = epath.Path(workdir) / 'results.json'
   lin = _json(path, 'not a finished linear-evaluation workdir')
   top1, top5 = _number(lin, 'top1', path), _number(lin, 'top5', path)
   ckpt = lin.get('checkpoint')
   if not isinstance(ckpt, dict) or not isinstance(ckpt.get('path'), str):
     raise ReportError(f'{path}: no "checkpoint": {{"path": ...}}: not a linear-evaluation '
                       'result (a pre-training workdir? evaluate it with mocov2_jax.linear_eval)')
-  pre_dir = os.path.dirname(os.path.dirname(os.path.normpath(ckpt['path'])))
-  cfg_path = os.path.join(pre_dir, 'config.json')
+  pre_dir = epath.Path(ckpt['path']).parent.parent
+  cfg_path = pre_dir / 'config.json'
   cfg = _json(cfg_path, f'the pre-training config of {workdir} (which row it reproduces)')
-  pre_results = os.path.join(pre_dir, 'results.json')
-  pre = _json(pre_results, '') if os.path.exists(pre_results) else {}  # epochs and kNN, if any
+  pre_results = pre_dir / 'results.json'
+  pre = _json(pre_results, '') if pre_results.exists() else {}  # epochs and kNN, if any
   label, data, model = (cfg.get(k) or {} for k in ('paper', 'data', 'model'))
   data_name = str(data.get('name', '?')) + (' (folder)' if data.get('folder') else '')
   return dict(
@@ -111,13 +112,12 @@ def report(workdirs) -> str:
   return '\n\n'.join(out) + '\n'
 
 
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  if not argv or any(a in ('-h', '--help') for a in argv):
-    print(__doc__)
-    return 0 if argv else 2
+def main(argv):
+  """argv[1:]: the linear-evaluation workdirs. Exit 1 with the reason when one is unreadable."""
+  if len(argv) < 2:
+    raise app.UsageError('pass one or more linear-evaluation workdirs')
   try:
-    sys.stdout.write(report(argv))
+    sys.stdout.write(report(argv[1:]))
   except ReportError as e:
     print(f'report: {e}', file=sys.stderr)
     return 1
@@ -125,4 +125,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  app.run(main)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from mocov2_jax import convert, defaults, optim, step as step_lib
+from mocov2_jax import convert, defaults, optim, methods
 from tests.torch_resnet import TorchResNet, torch_forward
 
 
@@ -34,9 +34,9 @@ def make_config(arch='resnet18', width=8, cifar_stem=True, head='mlp', dim=16, q
 
 def abstract_state(config):
   """What train.py builds: create_train_state's tree, shapes and dtypes (no compile)."""
-  model = step_lib.create_model(config)
+  model = methods.create_model(config)
   lr = optim.schedule(config.optim, config.batch_size, 8, config.num_epochs)
-  return jax.eval_shape(lambda r: step_lib.create_train_state(
+  return jax.eval_shape(lambda r: methods.create_train_state(
       r, config, model, lr, config.data.image_size), jax.random.PRNGKey(config.seed))
 
 
@@ -100,7 +100,7 @@ def test_exported_weights_give_the_same_model_in_pytorch(tmp_path, arch, width, 
                    ('detectron2', 'pkl')):
     convert.export(workdir, fmt, str(tmp_path / f'out.{ext}'))
 
-  model = step_lib.create_model(config)
+  model = methods.create_model(config)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   x = np.random.default_rng(2).normal(size=(2, size, size, 3)).astype(np.float32)
 
@@ -204,7 +204,7 @@ def test_demo_torchvision_variant_exports_a_stock_resnet18(tmp_path):
   missing, unexpected = ref.load_state_dict(sd, strict=False)
   assert sorted(missing) == ['fc.bias', 'fc.weight'] and not unexpected
   x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  model = step_lib.create_model(config)
+  model = methods.create_model(config)
   h, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
   assert_close(torch_forward(ref, x)[0], np.asarray(h))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mocov2_jax import optim, step
+from mocov2_jax import optim, methods
 
 BATCH, IMAGE = 16, 16
 
@@ -25,12 +25,12 @@ def _initial_state(config, sched):
   """One initial state (as host arrays) for every run here: the parameter shapes do not depend
   on the BN group count, so runs with different groups start from the same weights."""
   if 'state' not in _INITIAL:
-    state = step.create_train_state(jax.random.PRNGKey(0), config, step.create_model(config),
+    state = methods.create_train_state(jax.random.PRNGKey(0), config, methods.create_model(config),
                                     sched, IMAGE)
     _INITIAL['state'] = jax.tree.map(np.asarray, state)
   groups = config.moco.bn_groups
   if groups not in _INITIAL:  # one model per group count, so that compiled steps are reused
-    _INITIAL[groups] = step.create_model(config)
+    _INITIAL[groups] = methods.create_model(config)
   return _INITIAL['state'].replace(apply_fn=_INITIAL[groups].apply)
 
 
@@ -48,7 +48,7 @@ def _run(config, devices, batches):
   repl, data = _shardings(devices)
   key = (config.moco.bn_groups, len(devices))  # reuse compiled steps across tests
   if key not in _STEPS:
-    _STEPS[key] = step.jit_train_step(config, sched, repl, data)
+    _STEPS[key] = methods.jit_train_step(config, sched, repl, data)
   train_step = _STEPS[key]
   state = jax.device_put(_initial_state(config, sched), repl)
   losses = []
@@ -121,11 +121,11 @@ def test_every_encoder_pass_runs_on_the_local_shard_only(tiny_config):
   global_batch = 64
   sched = optim.schedule(config.optim, global_batch, 10, 1)
   repl, data = _shardings(jax.devices())
-  state = jax.eval_shape(lambda: step.create_train_state(
-      jax.random.PRNGKey(0), config, step.create_model(config), sched, IMAGE))
+  state = jax.eval_shape(lambda: methods.create_train_state(
+      jax.random.PRNGKey(0), config, methods.create_model(config), sched, IMAGE))
   batch = {k: jax.ShapeDtypeStruct((global_batch, IMAGE, IMAGE, 3), jnp.float32)
            for k in ('view1', 'view2')}
-  hlo = step.jit_train_step(config, sched, repl, data).lower(state, batch).compile().as_text()
+  hlo = methods.jit_train_step(config, sched, repl, data).lower(state, batch).compile().as_text()
   convs = [line for line in hlo.splitlines() if ' convolution(' in line]
   assert convs, 'no convolutions found in the compiled step'
   local = global_batch // jax.device_count()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mocov2_jax import optim, simclr, step
+from mocov2_jax import optim, simclr, methods
 from mocov2_jax.models import resnet
 
 
@@ -198,7 +198,7 @@ def _simclr_config(tiny_config):
 def _run(config, devices, state0, batches):
   sched = optim.schedule(config.optim, BATCH, 2, 3)
   repl, data = _shardings(devices)
-  train_step = step.jit_train_step(config, sched, repl, data)
+  train_step = methods.jit_train_step(config, sched, repl, data)
   state = jax.device_put(state0, repl)
   losses = []
   for b in batches:
@@ -211,10 +211,10 @@ def test_simclr_step_one_device_equals_eight(tiny_config):
   """The whole end-to-end step (global BN, NT-Xent over the global batch, LARS) on 8 devices
   equals the step on one; the loss falls on a repeated batch."""
   config = _simclr_config(tiny_config)
-  model = step.create_model(config)
+  model = methods.create_model(config)
   sched = optim.schedule(config.optim, BATCH, 2, 3)
-  state0 = step.create_train_state(jax.random.PRNGKey(0), config, model, sched, IMAGE)
-  assert type(state0) is step.TrainState and not hasattr(state0, 'queue')
+  state0 = methods.create_train_state(jax.random.PRNGKey(0), config, model, sched, IMAGE)
+  assert type(state0) is methods.TrainState and not hasattr(state0, 'queue')
   state0 = jax.tree.map(np.asarray, state0)
   rng = np.random.default_rng(0)
   batch = {k: rng.normal(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
@@ -255,9 +255,9 @@ def test_step_loss_is_the_one_simclr_code_optimises(tiny_config):
   (the function it differentiates) equals that, on the projections of the step's own forward."""
   config = _simclr_config(tiny_config)
   tau = config.simclr.temperature
-  model = step.create_model(config)
+  model = methods.create_model(config)
   sched = optim.schedule(config.optim, BATCH, 2, 3)
-  state = step.create_train_state(jax.random.PRNGKey(0), config, model, sched, IMAGE)
+  state = methods.create_train_state(jax.random.PRNGKey(0), config, model, sched, IMAGE)
   rng = np.random.default_rng(3)
   batch = {k: rng.normal(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
            for k in ('view1', 'view2')}
@@ -267,7 +267,7 @@ def test_step_loss_is_the_one_simclr_code_optimises(tiny_config):
   z = np.asarray(z, np.float64)
   want = _np_simclr_code_loss(z, tau)
   np.testing.assert_allclose(want, 2 * _np_nt_xent(z, tau), rtol=1e-9)  # the two definitions
-  _, metrics = step.train_step(state, batch, config=config, lr_schedule=sched)
+  _, metrics = methods.train_step(state, batch, config=config, lr_schedule=sched)
   np.testing.assert_allclose(float(metrics.compute()['loss']), want, rtol=1e-5)
 
 
@@ -280,10 +280,10 @@ def test_encoder_runs_on_the_local_shard_only(tiny_config):
   n = 64
   sched = optim.schedule(config.optim, n, 10, 1)
   repl, data = _shardings(jax.devices())
-  state = jax.eval_shape(lambda: step.create_train_state(
-      jax.random.PRNGKey(0), config, step.create_model(config), sched, IMAGE))
+  state = jax.eval_shape(lambda: methods.create_train_state(
+      jax.random.PRNGKey(0), config, methods.create_model(config), sched, IMAGE))
   batch = {k: jax.ShapeDtypeStruct((n, IMAGE, IMAGE, 3), jnp.float32) for k in ('view1', 'view2')}
-  hlo = step.jit_train_step(config, sched, repl, data).lower(state, batch).compile().as_text()
+  hlo = methods.jit_train_step(config, sched, repl, data).lower(state, batch).compile().as_text()
   convs = [line for line in hlo.splitlines() if ' convolution(' in line]
   assert convs
   assert not [c for c in convs if re.search(rf'= f32\[{2 * n},', c)]

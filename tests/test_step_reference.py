@@ -1,4 +1,4 @@
-"""The key test: MoCo steps of `step.train_step` equal the same steps written in PyTorch.
+"""The key test: MoCo steps of `methods.train_step` equal the same steps written in PyTorch.
 
 The PyTorch side is written from the equations and the reference implementation
 (facebookresearch/moco `moco/builder.py`, and its CIFAR-10 demo for split BN and the symmetric
@@ -21,7 +21,7 @@ import torch
 import torch.nn as tnn
 import torch.nn.functional as F
 
-from mocov2_jax import optim, step
+from mocov2_jax import optim, methods
 
 BATCH, IMAGE, STEPS, STEPS_PER_EPOCH, EPOCHS = 16, 16, 3, 1, 5
 
@@ -245,8 +245,8 @@ def _initial_state(config, sched):
   this config's optimizer; every call returns fresh arrays since the jitted step donates them."""
   head = config.model.head
   if head not in _INITIAL:
-    model = step.create_model(config)
-    state = step.create_train_state(jax.random.PRNGKey(0), config, model, sched, IMAGE)
+    model = methods.create_model(config)
+    state = methods.create_train_state(jax.random.PRNGKey(0), config, model, sched, IMAGE)
     _INITIAL[head] = jax.tree.map(np.asarray, state)
   # The optimizer (weight decay, lr schedule) is part of the state: rebuild it for this config.
   state = _INITIAL[head].replace(tx=optim.sgd(config.optim, sched))
@@ -302,7 +302,7 @@ def test_steps_match_pytorch_reference(tiny_config, head, symmetric, overrides, 
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
-  train_step = step.jit_train_step(config, sched, repl, data)
+  train_step = methods.jit_train_step(config, sched, repl, data)
   state = jax.device_put(state, repl)
 
   rng = np.random.default_rng(1)

@@ -143,6 +143,18 @@ def view(image, seed, recipe, size):
   return apply(image, sample_params(seed, recipe, shape[0], shape[1]), recipe, size)
 
 
+def crop_uint8(image, seed, recipe, size):
+  """The host half of on-device augmentation (`device_augment.finish` does the rest): `view`'s
+  crop and resize for the same seed, rounded to uint8 [size, size, 3] (4x fewer bytes to send)."""
+  shape = tf.shape(image)
+  y, x, h, w = tf.unstack(sample_params(seed, recipe, shape[0], shape[1])['crop'])
+  image = tf.cast(image[y:y + h, x:x + w], tf.float32)
+  image = tf.image.resize(image, [size, size], recipe.interpolation, antialias=True)
+  image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+  image.set_shape([size, size, 3])
+  return image
+
+
 def eval_view(image, recipe, size, crop_frac):
   """Resize the shorter side to round(size / crop_frac), then centre-crop `size` (torchvision)."""
   shape = tf.shape(image)

@@ -11,7 +11,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from clu import metrics
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P

@@ -1,0 +1,124 @@
+"""The device half of a view: everything `augment.apply` does after the crop and resize, in JAX.
+
+The host then only decodes and crops (`augment.crop_uint8`: uint8, a quarter of float32's bytes),
+and the accelerator finishes each view inside the jitted step. Same recipe fields and
+torchvision semantics as `augment.py`, which tests/test_device_augment.py checks op by op. No
+TensorFlow here: this runs on accelerator hosts that may not have it.
+"""
+import math
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)   # PIL's convert('L'), as augment.GRAY_WEIGHTS
+
+
+def example_keys(seed: int, step, num: int, view: int = 0):
+  """One key per example of the global batch, from (seed, step, view, global index) only.
+
+  Nothing depends on the device count or the process: example i of step t gets the same view on
+  1 device, 8 devices or several hosts. Call with `view` 0 and 1 for the two views of an image.
+  """
+  base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), view)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(num))
+
+
+def sample_params(key, recipe):
+  """Every random decision of one view but the crop: `augment.sample_params`'s distributions."""
+  k = jax.random.split(key, 7)
+  u = lambda i, shape=(), lo=0.0, hi=1.0: jax.random.uniform(k[i], shape, jnp.float32, lo, hi)
+  b, c, s, h = recipe.jitter
+  lo = jnp.array([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h], jnp.float32)
+  hi = jnp.array([1 + b, 1 + c, 1 + s, h], jnp.float32)
+  return dict(
+      flip=u(0) < recipe.flip_p,
+      jitter=u(1) < recipe.jitter_p,
+      jitter_factors=lo + (hi - lo) * u(2, (4,)),   # brightness, contrast, saturation, hue
+      jitter_order=jnp.argsort(u(3, (4,))).astype(jnp.int32),   # a uniform random permutation
+      gray=u(4) < recipe.gray_p + 0.05,
+      blur=u(5) < recipe.blur_p,
+      blur_sigma=u(6, (), *recipe.blur_sigma))
+
+
+# Colour ops on float images in [0, 1], torchvision's formulas (`_blend` clamps after each op).
+def grayscale(image):
+  # dm_pix.rgb_to_grayscale weighs 0.2989 (torchvision's tensor op); PIL and the host use 0.299.
+  r, g, b = image[..., 0], image[..., 1], image[..., 2]   # a weighted sum, not a (TF32) matmul
+  gray = GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b
+  return jnp.broadcast_to(gray[..., None], image.shape)
+
+
+def adjust_brightness(image, factor):
+  # dm_pix.adjust_brightness adds a delta; torchvision multiplies by a factor.
+  return jnp.clip(image * factor, 0.0, 1.0)
+
+
+def adjust_contrast(image, factor):
+  # dm_pix.adjust_contrast blends to per-channel means; torchvision to the grayscale mean.
+  mean = jnp.mean(grayscale(image)[..., 0])
+  return jnp.clip(factor * image + (1 - factor) * mean, 0.0, 1.0)
+
+
+def adjust_saturation(image, factor):
+  # dm_pix.adjust_saturation scales HSV's S; torchvision blends with the grayscale image.
+  return jnp.clip(factor * image + (1 - factor) * grayscale(image), 0.0, 1.0)
+
+
+def adjust_hue(image, delta):
+  """dm-pix's HSV round trip is torchvision's (red > green > blue priority for H, H mod 1)."""
+  return dm_pix.adjust_hue(image, delta)
+
+
+def color_jitter(image, factors, order, strengths):
+  """torchvision ColorJitter: the four ops in the traced `order`; ops of strength 0 are skipped."""
+  ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+  branches = [(lambda im, i=i: ops[i](im, factors[i])) if strengths[i] else (lambda im: im)
+              for i in range(4)]
+  for k in range(4):
+    image = jax.lax.switch(order[k], branches, image)
+  return image
+
+
+def blur_radius(recipe, size: int) -> int:
+  """Static kernel radius, as augment.blur_radius (3 sigma_max as PIL, or SimCLR's frac * side)."""
+  if recipe.blur_kernel_frac is None:
+    return max(1, math.ceil(3 * recipe.blur_sigma[1]))
+  return max(1, int(size * recipe.blur_kernel_frac) // 2)
+
+
+def gaussian_blur(image, sigma, radius: int):
+  """Separable Gaussian on [H, W, C] with the edge pixels repeated outside the image, as PIL."""
+  # dm_pix.gaussian_blur pads with zeros ('SAME'): pad the edges ourselves and convolve 'VALID'.
+  padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode='edge')
+  with jax.default_matmul_precision('highest'):   # no TF32 in the convolution on GPUs
+    return dm_pix.gaussian_blur(padded, sigma, kernel_size=2 * radius + 1, padding='VALID')
+
+
+def normalize(image, recipe):
+  if recipe.mean is None:
+    return image
+  return (image - jnp.array(recipe.mean, jnp.float32)) / jnp.array(recipe.std, jnp.float32)
+
+
+def finish(image, params, recipe):
+  """The view of a uint8 [S, S, 3] crop given `sample_params`: float32 [S, S, 3].
+
+  Flip, gray and jitter in the recipe's order, blur, normalise. Decisions select with `jnp.where`
+  (under vmap a `cond` computes both branches anyway), so this vmaps and jits as is.
+  """
+  x = image.astype(jnp.float32) / 255.0
+  x = jnp.where(params['flip'], dm_pix.flip_left_right(x), x)
+  jitter = lambda im: jnp.where(params['jitter'], color_jitter(
+      im, params['jitter_factors'], params['jitter_order'], recipe.jitter), im)
+  gray = lambda im: jnp.where(params['gray'], grayscale(im), im)
+  x = jitter(gray(x)) if recipe.gray_before_jitter else gray(jitter(x))
+  if recipe.blur_p > 0:
+    blurred = gaussian_blur(x, params['blur_sigma'], blur_radius(recipe, image.shape[0]))
+    x = jnp.where(params['blur'], blurred, x)
+  return normalize(x, recipe)
+
+
+def augment_batch(images, keys, recipe):
+  """uint8 [N, S, S, 3] crops and their `example_keys` [N] -> float32 [N, S, S, 3] views."""
+  return jax.vmap(lambda im, k: finish(im, sample_params(k, recipe), recipe))(images, keys)

@@ -1,0 +1,241 @@
+"""Where examples come from: one DataSource class per kind, behind `get(cfg)`.
+
+A source knows its splits, sizes and labels, checks itself before any long work, and gives one
+process's shard of a split as records {'image': encoded bytes or uint8 pixels, 'label': int32,
+'name': str} in an order fixed by a seed (None: the split's own order), with the function that
+decodes 'image' to uint8 [H, W, 3]. Everything else (views, batches, epochs) is the pipeline's.
+"""
+import functools
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from etils import epath
+
+from mocov2_jax.data import synthetic
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+NUM_DECODE_CHECKS = 16   # files of each split decoded by `check`
+
+
+def decode(data):
+  """Any JPEG / PNG / BMP / GIF (grayscale, RGBA, CMYK, 16-bit) as uint8 RGB [H, W, 3]."""
+  image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+  image.set_shape([None, None, 3])
+  return image
+
+
+class DataSource:
+  """The interface; subclasses fill it for one kind of data."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def check(self):
+    """Fails, with what to change, before any long work."""
+
+  def num_examples(self, split) -> int:
+    raise NotImplementedError
+
+  def num_classes(self) -> int:
+    """0 for unlabelled data."""
+    raise NotImplementedError
+
+  def records(self, split, process_index=0, process_count=1, seed=None) -> tf.data.Dataset:
+    raise NotImplementedError
+
+  def decode(self, image):
+    return decode(image)
+
+
+
+class _Indexed(DataSource):
+  """Sources held as arrays in memory (files or pixels): any order is a NumPy permutation."""
+
+  def _arrays(self, split):
+    """(images or paths, int32 labels) of the whole split."""
+    raise NotImplementedError
+
+  def num_examples(self, split):
+    return len(self._arrays(split)[1])
+
+  def records(self, split, process_index=0, process_count=1, seed=None):
+    images, labels = self._arrays(split)
+    order = np.arange(len(labels))
+    if seed is not None:
+      order = np.random.default_rng(seed).permutation(order)
+    order = order[process_index::process_count]
+    return tf.data.Dataset.from_tensor_slices(dict(
+        image=np.asarray(images)[order], label=labels[order], name=self._names(images, order)))
+
+  def _names(self, images, order):
+    return np.asarray(images)[order]   # file paths
+
+
+class Synthetic(_Indexed):
+  """The offline demo's generated shapes (`synthetic.make_shapes`), held in memory."""
+
+  def check(self):
+    if self.cfg.num_train <= 0 or self.cfg.num_eval <= 0:
+      raise ValueError('Synthetic data needs data.num_train > 0 and data.num_eval > 0.')
+
+  def _arrays(self, split):
+    if split not in (self.cfg.train_split, self.cfg.eval_split):
+      raise ValueError(f'Synthetic data has splits {self.cfg.train_split!r} and '
+                       f'{self.cfg.eval_split!r}, not {split!r}.')
+    train = split == self.cfg.train_split
+    return _shapes(self.cfg.num_train if train else self.cfg.num_eval,
+                   self.cfg.synthetic_seed + (0 if train else 1))
+
+  def num_classes(self):
+    return len(synthetic.CLASSES)
+
+  def decode(self, image):
+    return image
+
+  def _names(self, images, order):
+    return order.astype(str)
+
+
+@functools.lru_cache(maxsize=4)
+def _shapes(num, seed):
+  return synthetic.make_shapes(num, seed=seed)
+
+
+class ImageFolder(_Indexed):
+  """ROOT/<split>/<class>/<image> (labels: the train split's sorted class folders, as
+  torchvision's ImageFolder), or ROOT/<split>/<image> / a flat ROOT for unlabelled images."""
+
+  def check(self):
+    cfg = self.cfg
+    if not cfg.folder or not epath.Path(cfg.folder).is_dir():
+      raise ValueError(f'data.folder={cfg.folder!r} is not a directory.')
+    for split in (cfg.train_split, cfg.eval_split):
+      files = self._arrays(split)[0]
+      if not files:
+        raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in '
+                         f'{str(self._dir(split))!r} or its class sub-folders.')
+      for i in np.unique(np.linspace(0, len(files) - 1, NUM_DECODE_CHECKS).astype(int)):
+        try:
+          decode(tf.io.read_file(files[i]))
+        except tf.errors.OpError as e:
+          raise ValueError(f'Cannot decode image {files[i]!r} ({e.message}); remove or '
+                           're-encode it.') from e
+
+  def _dir(self, split) -> epath.Path:
+    """ROOT/<split>; a ROOT with no split sub-folders is the train split itself."""
+    root = epath.Path(self.cfg.folder)
+    if (root / split).is_dir():
+      return root / split
+    has_splits = any((root / s).is_dir() for s in (self.cfg.train_split, self.cfg.eval_split))
+    if split == self.cfg.train_split and root.is_dir() and not has_splits:
+      return root
+    raise ValueError(f'No folder {str(root / split)!r} for split {split!r}: data.folder must '
+                     'hold <split>/<class>/<image> (or <split>/<image> for unlabelled images).')
+
+  def class_names(self):
+    return tuple(_subfolders(self._dir(self.cfg.train_split)))
+
+  def _arrays(self, split):
+    return _list_images(str(self._dir(split)), self.class_names())
+
+  def num_classes(self):
+    return len(self.class_names())
+
+
+def _subfolders(directory):
+  return sorted(p.name for p in epath.Path(directory).iterdir()
+                if p.is_dir() and not p.name.startswith('.'))
+
+
+@functools.lru_cache(maxsize=8)
+def _list_images(directory, class_names):
+  """(files, labels) of `directory`'s class sub-folders; a flat folder is unlabelled (-1)."""
+  is_image = lambda p: p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.is_dir()
+  directory = epath.Path(directory)
+  classes = _subfolders(directory)
+  if not classes:
+    files = sorted(str(p) for p in directory.iterdir() if is_image(p))
+    return files, np.full(len(files), -1, np.int32)
+  unknown = sorted(set(classes) - set(class_names))
+  if unknown:
+    raise ValueError(f'{str(directory)!r} has classes the train split lacks: {unknown[:5]}; '
+                     "every split must use the train split's class folders.")
+  files, labels = [], []
+  for name in classes:
+    found = sorted(str(p) for p in (directory / name).rglob('*') if is_image(p))
+    files += found
+    labels += [class_names.index(name)] * len(found)
+  return files, np.array(labels, np.int32)
+
+
+class Tfds(DataSource):
+  """A prepared tensorflow-datasets dataset (nothing is downloaded by the trainer)."""
+
+  @functools.cached_property
+  def builder(self):
+    try:
+      return tfds.builder(self.cfg.name, data_dir=self.cfg.data_dir or None)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f'Unknown TFDS dataset data.name={self.cfg.name!r}.') from e
+
+  def check(self):
+    cfg, builder = self.cfg, self.builder
+    if not builder.is_prepared():
+      if not cfg.manual_dir:
+        raise ValueError(
+            f'TFDS dataset {cfg.name!r} is not prepared in data.data_dir={cfg.data_dir!r}. Either '
+            f'prepare it once (`tfds build {cfg.name} --data_dir=DIR`, needs internet for most '
+            'datasets; for imagenet2012 put the ILSVRC2012 tar files in a folder and set '
+            'data.manual_dir=FOLDER to have it prepared here), or point data.data_dir at a '
+            "prepared copy, or use data.source='folder' with data.folder=ROOT "
+            '(ROOT/<split>/<class>/*.jpg).')
+      _prepare_once(builder, cfg.manual_dir)
+    for split in (cfg.train_split, cfg.eval_split):
+      try:
+        builder.info.splits[split].num_examples
+      except (KeyError, ValueError) as e:
+        raise ValueError(f'TFDS dataset {cfg.name!r} has no split {split!r}; it has '
+                         f'{list(builder.info.splits)}.') from e
+
+  def num_examples(self, split):
+    return self.builder.info.splits[split].num_examples
+
+  def num_classes(self):
+    features = self.builder.info.features
+    return int(features['label'].num_classes) if 'label' in features.keys() else 0
+
+  def records(self, split, process_index=0, process_count=1, seed=None):
+    if process_count > 1:
+      split = tfds.even_splits(split, process_count)[process_index]
+    ds = self.builder.as_dataset(
+        split=split, shuffle_files=seed is not None,
+        decoders={'image': tfds.decode.SkipDecoding()},   # decode after the shuffle buffer
+        read_config=tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True))
+    ds = ds.enumerate().map(lambda i, ex: dict(
+        image=ex['image'], label=tf.cast(ex.get('label', -1), tf.int32),
+        name=tf.strings.as_string(i)))
+    if seed is not None:
+      ds = ds.shuffle(self.cfg.shuffle_buffer, seed=seed)
+    return ds
+
+
+def _prepare_once(builder, manual_dir):
+  """Process 0 prepares the dataset; the other processes wait for it (no race on the files)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('tfds prepared')
+    builder.download_and_prepare()   # now a no-op that reloads the prepared info
+
+
+SOURCES = dict(synthetic=Synthetic, folder=ImageFolder, tfds=Tfds)
+
+
+def get(cfg) -> DataSource:
+  if cfg.source not in SOURCES:
+    raise ValueError(f'Unknown data.source={cfg.source!r}: use one of {", ".join(SOURCES)}.')
+  return SOURCES[cfg.source](cfg)

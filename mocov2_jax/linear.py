@@ -1,0 +1,260 @@
+"""Linear evaluation of a pre-trained backbone as experiments of the one loop.
+
+Protocol: the backbone is frozen in inference mode (BN running statistics) and a linear layer on
+its pooled features is trained with SGD on random-resized-crop + flip views. Fast mode: the
+centre-crop features are extracted once and linear layers are trained on them, one per learning
+rate of `sweep_lrs` in the same pass; the lr is chosen on a held-out part of train, never test.
+"""
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from clu import metrics
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mocov2_jax import checkpoints, loop, methods, optim
+from mocov2_jax import torch_names as names
+from mocov2_jax.models import resnet
+
+FAST_NOTE = "fast mode (cached center-crop features), not the paper's protocol"
+MODEL_FIELDS = ('arch', 'width', 'cifar_stem')
+FIXED_FIELDS = ('pretrained_checkpoint', 'fast', 'model.', 'batch_size', 'sweep_lrs',
+                'holdout_fraction')
+
+
+@flax.struct.dataclass
+class LinearMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  top1: metrics.Average.from_output('top1')
+  lr: metrics.LastValue.from_output('lr')
+
+
+class Classifier(nn.Module):
+  """`num_heads` independent linear layers as the reference's (weights N(0, 0.01), bias 0):
+  logits [heads, N, classes]. 'classifier' exports as torchvision's fc.*."""
+  num_classes: int
+  num_heads: int = 1
+
+  @nn.compact
+  def __call__(self, h):
+    dense = nn.vmap(nn.Dense, variable_axes={'params': 0}, split_rngs={'params': True},
+                    in_axes=None, out_axes=0, axis_size=self.num_heads)
+    return dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
+                 bias_init=nn.initializers.zeros, name='classifier')(h)
+
+
+def per_head_sgd(optim_cfg, lr_schedule, lr_scales):
+  """SGD whose head i steps at lr_scales[i] x the schedule: torch's SGD is linear in the lr
+  (its momentum buffer holds gradients only), so this is one SGD per head."""
+  scales = jnp.asarray(lr_scales, jnp.float32)
+  scale = lambda u: u * scales.reshape((-1,) + (1,) * (u.ndim - 1))
+  return optax.chain(optim.sgd(optim_cfg, lr_schedule),
+                     optax.stateless(lambda updates, _: jax.tree.map(scale, updates)))
+
+
+def head_lrs(cfg):
+  """The learning rates (before batch scaling) of the heads: the sweep in fast mode, the
+  protocol's lr among them; the protocol's alone otherwise."""
+  if not cfg.fast or not cfg.sweep_lrs:
+    return (float(cfg.optim.base_lr),)
+  return tuple(sorted({float(x) for x in cfg.sweep_lrs} | {float(cfg.optim.base_lr)}))
+
+
+# ---- the pre-trained checkpoint, the resolved config, the checks ----
+def resolve(config, overridden=()):
+  """The config this run uses: model fields from the checkpoint, data as `data_from_pretrained`
+  says. `overridden`: the dotted fields given on the command line (they are kept as given)."""
+  if not config.pretrained:
+    raise ValueError('--config.pretrained is required: a pre-training workdir (its latest '
+                     'checkpoint) or one of its checkpoints/<step> folders.')
+  try:
+    step_dir, pre_workdir = checkpoints.find(config.pretrained)
+  except FileNotFoundError as e:
+    raise ValueError(f'--config.pretrained: {e}') from e
+  pre = checkpoints.read_config(pre_workdir)
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    saved = checkpoints.saved_tree(step_dir)
+    if pre is not None:
+      found = {k: pre.model[k] for k in MODEL_FIELDS}
+    else:  # no config.json (weights copied alone): read the model off the weights
+      empty = lambda m: np.broadcast_to(np.float32(0), m.shape)  # shapes only, no memory
+      sd = names.state_dict(*(jax.tree.map(empty, saved[k]) for k in ('params', 'batch_stats')))
+      found = {k: v for k, v in names.infer_model(sd).items() if k in MODEL_FIELDS}
+    names.check_model(found, {k: cfg.model[k] for k in MODEL_FIELDS}, f'checkpoint {step_dir}',
+                      'the linear config')
+    cfg.model.update(found)
+    if cfg.data_from_pretrained:
+      if pre is None:
+        raise ValueError(f'data_from_pretrained=True but {step_dir} has no config.json '
+                         'two levels up: set --config.data_from_pretrained=False and the data.')
+      tuples = lambda v: tuple(v) if isinstance(v, list) else v
+      for k, v in pre.data.items():
+        if k != 'augment' and f'data.{k}' not in overridden:
+          cfg.data[k] = tuples(v)
+      for k in ('mean', 'std', 'interpolation'):  # the pre-training's normalisation
+        if f'data.augment.{k}' not in overridden:
+          cfg.data.augment[k] = tuples(pre.data.augment[k])
+    cfg.pretrained_checkpoint = str(step_dir)
+  return cfg
+
+
+def backbone_module(cfg) -> resnet.ResNet:
+  if cfg.model.arch not in resnet.ARCHS:
+    raise ValueError(f'unknown model.arch {cfg.model.arch!r}: choose one of {sorted(resnet.ARCHS)}')
+  if cfg.model.dtype not in resnet.DTYPES:
+    raise ValueError(f'unknown model.dtype {cfg.model.dtype!r}: choose one of '
+                     f'{sorted(resnet.DTYPES)}')
+  return resnet.ResNet(cfg.model.arch, cfg.model.width, cfg.model.cifar_stem, 1,
+                       resnet.DTYPES[cfg.model.dtype])
+
+
+def check_shapes(cfg, step_dir):
+  """The saved backbone must have exactly the model's variables and shapes."""
+  saved = checkpoints.saved_tree(step_dir)
+  x = jnp.zeros((1, cfg.data.image_size, cfg.data.image_size, 3))
+  like = jax.eval_shape(lambda: backbone_module(cfg).init(jax.random.PRNGKey(0), x, train=False))
+  shapes = lambda tree: {p: tuple(x.shape) for p, x in names.flatten(tree).items()}
+  for col in ('params', 'batch_stats'):
+    want, have = shapes(like[col]), shapes(saved[col].get('backbone', {}))
+    bad = [f'{"/".join(p)} {have.get(p, "missing")} (model: {s})'
+           for p, s in want.items() if have.get(p) != s]
+    bad += [f'{"/".join(p)} (not in the model)' for p in have if p not in want]
+    if bad:
+      m = cfg.model
+      raise ValueError(f'checkpoint {step_dir} does not fit a {m.arch} of width {m.width} '
+                       f'(cifar_stem={m.cifar_stem}): {len(bad)} backbone {col} differ, e.g. '
+                       + '; '.join(bad[:3]))
+
+
+def check(config, overridden=(), workdir=None):
+  """All start-up checks; returns (resolved config, steps per epoch, number of classes)."""
+  from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  cfg = resolve(config, overridden)
+  check_shapes(cfg, cfg.pretrained_checkpoint)
+  b = cfg.batch_size
+  if b <= 0 or b % jax.device_count() or b % jax.process_count():
+    raise ValueError(f'batch_size={b} is not a positive multiple of the {jax.device_count()} '
+                     f'devices and {jax.process_count()} processes: set --config.batch_size.')
+  if cfg.num_epochs <= 0:
+    raise ValueError(f'num_epochs={cfg.num_epochs}: set --config.num_epochs to 1 or more.')
+  if not 0 < cfg.holdout_fraction < 1:
+    raise ValueError(f'holdout_fraction={cfg.holdout_fraction} must be in (0, 1).')
+  optim.schedule(cfg.optim, b, 1, cfg.num_epochs)  # unknown schedule
+  if workdir is not None:
+    checkpoints.check_resume(workdir, cfg, FIXED_FIELDS)
+  pipeline.check_data(cfg.data)
+  num_train = pipeline.num_examples(cfg.data, cfg.data.train_split)
+  if num_train < b:
+    raise ValueError(f'{num_train} training examples make no full batch of {b}: lower '
+                     '--config.batch_size.')
+  num_classes = cfg.num_classes or pipeline.num_classes(cfg.data)
+  if num_classes < 2:
+    raise ValueError(f'{cfg.data.train_split!r} of data {cfg.data.name or cfg.data.folder!r} has '
+                     f'no labels ({num_classes} classes): linear evaluation needs labelled data.')
+  return cfg, num_train // b, num_classes
+
+
+# ---- the frozen backbone ----
+def load_backbone(step_dir):
+  """The checkpoint's backbone {'params', 'batch_stats'} as NumPy (any saving device count)."""
+  raw = checkpoints.restore_raw(step_dir)
+  return {k: raw[k]['backbone'] for k in ('params', 'batch_stats')}
+
+
+def check_unchanged(frozen, step_dir):
+  """The reference's sanity check: the backbone used is bit-identical to the checkpoint's."""
+  saved = names.flatten(load_backbone(step_dir))
+  used = names.flatten(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), frozen))
+  moved = [p for p in saved if p not in used or not np.array_equal(saved[p], used[p])]
+  if moved or len(used) != len(saved):
+    raise RuntimeError(f'the frozen backbone differs from {step_dir}: '
+                       + ', '.join('/'.join(p) for p in moved[:5]) + ' (a bug: please report)')
+
+
+def make_features(backbone):
+  """Pooled features of the backbone in inference mode (BN running statistics), no gradient."""
+  return lambda frozen, x: jax.lax.stop_gradient(backbone.apply(frozen, x, train=False))
+
+
+def accuracy(logits_fn, params, frozen, batches, to_device):
+  """(top-1, top-5) in percent of each head, [heads] arrays, over the real (mask 1) examples."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  hits1 = hits5 = count = 0
+  for batch in batches:
+    logits = gather(logits_fn(params, frozen, to_device(batch['x'])))   # [heads, B, C]
+    label, mask = (gather(to_device(batch[k])) for k in ('label', 'mask'))
+    keep = mask.astype(bool)
+    top = np.argsort(-logits[:, keep], axis=-1)[..., :min(5, logits.shape[-1])]
+    hits1 = hits1 + np.sum(top[..., 0] == label[keep], axis=-1)
+    hits5 = hits5 + np.sum(np.any(top == label[keep][:, None], axis=-1), axis=-1)
+    count += int(keep.sum())
+  return 100.0 * hits1 / count, 100.0 * hits5 / count
+
+
+class LinearExperiment(loop.Experiment):
+  """Linear heads on frozen `features(frozen, x)`; `make_batches(start)`: process-local dict(x,
+  label) batches; `eval_batches()`: padded dict(x, label, mask) batches of the eval split."""
+
+  def __init__(self, cfg, *, num_classes, feature_dim, steps_per_epoch, features, frozen,
+               make_batches, eval_batches):
+    self.config, self.steps_per_epoch, self.frozen = cfg, steps_per_epoch, frozen
+    self.total_steps = steps_per_epoch * cfg.num_epochs
+    if cfg.num_train_steps > 0:
+      self.total_steps = min(self.total_steps, cfg.num_train_steps)
+    mesh, self.repl, self.batch_sharding = methods.mesh_and_shardings()
+    self.lrs = head_lrs(cfg)
+    self.classifier = Classifier(num_classes, len(self.lrs))
+    self.feature_dim, self.make_batches, self.eval_batches = feature_dim, make_batches, eval_batches
+    self.lr = optim.schedule(cfg.optim, cfg.batch_size, steps_per_epoch, cfg.num_epochs)
+    self.tx = per_head_sgd(cfg.optim, self.lr, [x / cfg.optim.base_lr for x in self.lrs])
+
+    def step(state, frozen, batch):
+      h = features(frozen, batch['x'])
+      def loss_fn(params):
+        logits = state.apply_fn({'params': params}, h)
+        losses = jax.vmap(lambda z: optax.softmax_cross_entropy_with_integer_labels(
+            z, batch['label']).mean())(logits)
+        return losses.sum(), (losses, logits)   # a sum: each head gets its own gradient
+      (_, (losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'], axis=-1)
+      i = self.lrs.index(float(cfg.optim.base_lr))   # the protocol lr's head is the one logged
+      return state.apply_gradients(grads=grads), LinearMetrics.single_from_model_output(
+          loss=losses[i], top1=top1[i], lr=self.lr(state.step) * self.lrs[i] / cfg.optim.base_lr)
+    self._step = jax.jit(step, in_shardings=(self.repl, self.repl, self.batch_sharding),
+                         out_shardings=(self.repl, self.repl), donate_argnums=0)
+    self.logits = jax.jit(lambda params, frozen, x: self.classifier.apply(
+        {'params': params}, features(frozen, x)),
+                          out_shardings=NamedSharding(mesh, P(None, 'data')))
+
+  def init_state(self):
+    params = jax.jit(self.classifier.init)(jax.random.PRNGKey(self.config.seed),
+                                           jnp.zeros((1, self.feature_dim)))['params']
+    state = train_state.TrainState.create(apply_fn=self.classifier.apply, params=params,
+                                          tx=self.tx)
+    return jax.device_put(state, self.repl)
+
+  def train_step(self, state, batch):
+    return self._step(state, self.frozen, batch)
+
+  def batches(self, start_step):
+    return loop.prefetch(self.make_batches(start_step), self.batch_sharding)
+
+  def accuracy(self, params, batches):
+    put = lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a)
+    return accuracy(self.logits, params, self.frozen, batches, put)
+
+  def should_evaluate(self, step):
+    every = self.config.eval_every_epochs
+    epoch, rest = divmod(step, self.steps_per_epoch)
+    return step > 0 and every > 0 and rest == 0 and epoch % every == 0
+
+  def evaluate(self, state, step, results):
+    top1, top5 = self.accuracy(state.params, self.eval_batches())
+    results['eval'] = [dict(lr=lr, top1=float(a), top5=float(b))
+                       for lr, a, b in zip(self.lrs, top1, top5)]
+    return {f'val_top1_lr{lr:g}': float(a) for lr, a in zip(self.lrs, top1)}

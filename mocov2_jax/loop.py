@@ -1,0 +1,216 @@
+"""The one training loop of every program (pre-training, linear evaluation in both modes).
+
+A program supplies an `Experiment`: its state, its jitted step, its input and its evaluators.
+The loop owns the rest: the workdir (config, checkpoints, results), resume, clu periodic actions
+(progress with rate and ETA, profiling), evaluation on a schedule, metric writing, divergence
+checks, preemption (SIGTERM / SIGINT) and the final save.
+
+Exit codes of the programs (README, "Long runs"): 0 done, 2 bad input or config (nothing
+written), 3 diverged (the latest checkpoint is the last good one), 75 preempted by SIGTERM and
+130 interrupted by SIGINT (a checkpoint of the current step was saved: run the same command
+to resume).
+"""
+import collections
+import contextlib
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from mocov2_jax import checkpoints
+
+EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 3, 75, 130
+_EXIT_CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGINT: EXIT_INTERRUPTED}
+SIGNAL_SYNC_EVERY = 10   # steps between the hosts' agreement on a stop (several processes)
+
+
+class Stop(Exception):
+  """Ends a program with `code` after printing `message` (no traceback)."""
+
+  def __init__(self, message, code):
+    super().__init__(message)
+    self.code = code
+
+
+class Experiment:
+  """What a program gives the loop. Attributes: `config` (log_every_steps,
+  checkpoint_every_steps, keep_checkpoints, profile_steps), `total_steps`, `steps_per_epoch`."""
+
+  def init_state(self):
+    """The initial train state, placed on the devices."""
+    raise NotImplementedError
+
+  def train_step(self, state, batch):
+    """(state, clu metrics with at least 'loss'); jitted, may donate `state`."""
+    raise NotImplementedError
+
+  def batches(self, start_step):
+    """Global device batches from step `start_step` on (the same whether resumed or not)."""
+    raise NotImplementedError
+
+  def should_evaluate(self, step) -> bool:
+    return False
+
+  def evaluate(self, state, step, results) -> dict:
+    """{name: number} scalars to write ({} for none); may record more in `results` (what the
+    loop keeps in results.json)."""
+    return {}
+
+  def first_batch_images(self, batch) -> dict:
+    """{name: [1, H, W, C]} images summarised once (e.g. augmented pairs); {} for none."""
+    return {}
+
+
+def prefetch(iterator, sharding, size=2):
+  """Keeps `size` global batches in flight to the devices, built from process-local data."""
+  queue = collections.deque()
+  for batch in iterator:
+    queue.append(jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, x), batch))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
+@contextlib.contextmanager
+def _signals_caught():
+  """SIGTERM / SIGINT only set a flag (read between steps); a second one changes nothing, so a
+  save in progress finishes. The previous handlers come back afterwards."""
+  caught = []
+  handler = lambda signum, frame: caught.append(signum)
+  previous = {s: signal.signal(s, handler) for s in _EXIT_CODES}
+  try:
+    yield caught
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _stop_signal(caught, step):
+  """The signal to stop on, agreed by every process (all save the same step), or None."""
+  mine = caught[0] if caught else 0
+  if jax.process_count() == 1:
+    return mine or None
+  if step % SIGNAL_SYNC_EVERY:
+    return None
+  agreed = int(np.max(multihost_utils.process_allgather(np.int32(mine))))
+  return agreed or None
+
+
+def _check_finite(metrics, step):
+  """Stops on a non-finite loss or metric, naming the step and the metric."""
+  for name, value in metrics.items():
+    if not np.all(np.isfinite(value)):
+      raise Stop(f'diverged at step {step}: {name} is {value}. No checkpoint of it was written; '
+                 'the latest checkpoint is the last good one. Lower the learning rate '
+                 '(--config.optim.base_lr) or check the data, then start again.', EXIT_DIVERGED)
+
+
+def run(exp: Experiment, workdir):
+  """Trains `exp` to `exp.total_steps`, resuming from `workdir`; returns (state, results)."""
+  cfg, lead = exp.config, jax.process_index() == 0
+  workdir = checkpoints.path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if lead:
+    if checkpoints.config_changes(workdir, cfg):
+      checkpoints.keep_previous_config(workdir)
+    checkpoints.write_config(cfg, workdir)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=not lead)
+  state = exp.init_state()
+  mgr = checkpoints.manager(workdir, cfg.keep_checkpoints)
+  if mgr.latest_step() is not None:
+    state = checkpoints.restore_latest(mgr, state)
+    logging.info('Resumed from %s at step %d.', workdir, int(state.step))
+  start = int(state.step)
+  results = checkpoints.read_results(workdir) if start > 0 else {}
+
+  def evaluate(step):
+    scores = exp.evaluate(state, step, results)
+    if scores:
+      writer.write_scalars(step, scores)
+    if lead:   # what was measured so far survives a crash
+      checkpoints.write_results(workdir, results)
+
+  def save(step, force=False):
+    if not bool(_all_finite(state.params)):
+      raise Stop(f'diverged at step {step}: a parameter is not finite. No checkpoint of it was '
+                 'written; lower the learning rate and start again.', EXIT_DIVERGED)
+    checkpoints.save(mgr, state, force=force)
+
+  progress = periodic_actions.ReportProgress(
+      num_train_steps=exp.total_steps, writer=writer if lead else None,
+      every_steps=cfg.log_every_steps, every_secs=None)
+  hooks = [progress]
+  if lead and cfg.profile_steps > 0:
+    hooks.append(periodic_actions.Profile(
+        logdir=str(workdir), num_profile_steps=cfg.profile_steps, profile_duration_ms=None,
+        first_profile=start + 5, every_steps=None, every_secs=None))
+  if start == 0 and exp.should_evaluate(0):
+    with progress.timed('eval'):
+      evaluate(0)
+
+  batches = exp.batches(start)
+  metrics = pending = None
+  try:
+    with _signals_caught() as caught:
+      for step in range(start + 1, exp.total_steps + 1):
+        batch = next(batches)
+        images = exp.first_batch_images(batch) if step == start + 1 and lead else None
+        if images:
+          writer.write_images(step, images)
+        state, m = exp.train_step(state, batch)
+        if pending is not None:   # the previous step's loss: the host never waits on this one
+          _check_finite(pending[1].compute(), pending[0])
+        pending = (step, m)
+        metrics = m if metrics is None else metrics.merge(m)
+        for hook in hooks:
+          hook(step)
+        if step % cfg.log_every_steps == 0 or step == exp.total_steps:
+          scalars = metrics.compute()
+          _check_finite(scalars, step)
+          scalars = {k: float(v) for k, v in scalars.items()}
+          scalars['epoch'] = step / exp.steps_per_epoch
+          writer.write_scalars(step, scalars)
+          logging.info('step %d/%d  epoch %.2f  %s', step, exp.total_steps, scalars['epoch'],
+                       '  '.join(f'{k} {v:.4g}' for k, v in scalars.items() if k != 'epoch'))
+          metrics = None
+        if step % cfg.checkpoint_every_steps == 0:
+          _check_finite(m.compute(), step)
+          save(step)
+        if exp.should_evaluate(step) or step == exp.total_steps:
+          with progress.timed('eval'):
+            evaluate(step)
+        signum = _stop_signal(caught, step)
+        if signum:
+          save(step, force=True)
+          raise Stop(f'preempted at step {step}: saved {workdir / "checkpoints" / str(step)}; '
+                     f'run the same command to resume ({signal.Signals(signum).name}, exit '
+                     f'{_EXIT_CODES[signum]})', _EXIT_CODES[signum])
+      if pending is not None:
+        _check_finite(pending[1].compute(), pending[0])
+      save(int(state.step))
+      if start >= exp.total_steps and not results:   # a finished run without results
+        evaluate(start)
+  finally:
+    if len(hooks) > 1:
+      try:
+        jax.profiler.stop_trace()   # a trace still open when the run ended
+      except RuntimeError:
+        pass   # none was
+    mgr.close()
+  writer.flush()
+  results.update(step=int(state.step), epochs=int(state.step) / exp.steps_per_epoch)
+  if lead:
+    checkpoints.write_results(workdir, results)
+  return state, results
