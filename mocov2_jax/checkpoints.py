@@ -141,7 +141,7 @@ def check_resume(workdir, config, fixed):
   if refused:
     raise ValueError(f'{workdir} holds a run with another ' + ', '.join(
         f'{k} (saved {old!r}, now {new!r})' for k, (old, new) in refused.items())
-        + ': its checkpoints cannot continue with this config. Use a new --workdir, or the '
+        + ': its checkpoints cannot continue with this config: use a new --workdir, or the '
         'saved values.')
   return changes
 

@@ -124,8 +124,8 @@ def test_crop_uint8_then_finish_is_the_host_view(name):
     err.append(np.abs(got - want))
   err = np.stack(err)
   # The only difference is the uint8 rounding of the resized crop (<= 0.5 / 255), which the
-  # jitter can amplify a few times.
-  assert err.mean() < 0.5 / 255 * scale and err.max() < 6 / 255 * scale, (err.mean(), err.max())
+  # jitter can amplify a few times (seen: mean 0.16 / 255, max 1.4 / 255).
+  assert err.mean() < 0.5 / 255 * scale and err.max() < 3 / 255 * scale, (err.mean(), err.max())
   # An identity crop (scale 1, ratio 1 on a square image) is passed through unchanged.
   square = recipes.recipe(name)
   square.crop_scale, square.crop_ratio = (1.0, 1.0), (1.0, 1.0)
@@ -185,12 +185,13 @@ def test_example_keys():
   assert len(rows) == 32   # every (seed, step, view, index) its own key
   r = recipes.recipe('mocov2')
   images = np.broadcast_to(IMAGE, (8, S, S, 3))
-  views = dev.augment_batch(images, a, r)
-  np.testing.assert_array_equal(views, dev.augment_batch(images, a, r))
+  augment_batch = jax.jit(lambda im, k: dev.augment_batch(im, k, r))
+  views = augment_batch(images, a)
+  np.testing.assert_array_equal(views, augment_batch(images, a))
   diff = lambda u, v: np.abs(u - v).mean(axis=(1, 2, 3))
   # The same image at other indices or steps: other views (unless all decisions happen to agree).
   assert (diff(views[1:], views[:1]) > 0.05).mean() > 0.8
-  assert (diff(views, dev.augment_batch(images, others[0], r)) > 0.05).mean() > 0.8
+  assert (diff(views, augment_batch(images, others[0])) > 0.05).mean() > 0.8
 
 
 def test_no_tensorflow_on_the_device_path():

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mocov2_jax import linear_eval, train
+from mocov2_jax import linear, linear_eval, methods, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {'batch_size': 32, 'model.width': 4, 'moco.queue_size': 128, 'moco.bn_groups': 4,
@@ -45,10 +45,12 @@ def test_linear_layer_separates_cached_features(tmp_path):
     y = rng.integers(0, 4, n).astype(np.int32)
     return (centres[y] + rng.normal(size=(n, 16))).astype(np.float32), y
   cfg = linear_config('unused', num_epochs=5, fast=True)
-  state, top1, top5 = linear_eval.fit_cached(cfg, str(tmp_path), split(256), split(64), 4)
-  assert top1 >= 95.0 and top5 == 100.0
-  assert int(state.step) == 5 * 256 // 32
-  assert state.params['classifier']['kernel'].shape == (16, 4)
+  _, state, heads, held = linear_eval.fit_cached(cfg, str(tmp_path), split(256), split(64), 4)
+  assert held == 26 and int(state.step) == 5 * (256 - 26) // 32   # 10% of train held out
+  assert [h['lr'] for h in heads] == [0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+  best = max(heads, key=lambda h: h['holdout_top1'])
+  assert best['top1'] >= 95.0 and best['top5'] == 100.0
+  assert state.params['classifier']['kernel'].shape == (6, 16, 4)   # one layer per lr
 
 
 def test_protocol_trains_head_and_backbone_stays_bit_identical(pretrained, tmp_path):
@@ -64,55 +66,55 @@ def test_protocol_trains_head_and_backbone_stays_bit_identical(pretrained, tmp_p
 
   # The sanity check itself fails loudly on a backbone that moved by one ulp.
   step_dir = r['checkpoint']['path']
-  frozen = linear_eval.load_backbone(step_dir)
-  linear_eval.check_unchanged(jax.device_put(frozen), step_dir)
+  frozen = linear.load_backbone(step_dir)
+  linear.check_unchanged(jax.device_put(frozen), step_dir)
   kernel = frozen['params']['conv1']['kernel']
   kernel.flat[0] = np.nextafter(kernel.flat[0], np.inf)
   with pytest.raises(RuntimeError, match='conv1/kernel'):
-    linear_eval.check_unchanged(jax.device_put(frozen), step_dir)
+    linear.check_unchanged(jax.device_put(frozen), step_dir)
 
 
 def test_fast_mode_resumes_and_continues_the_epoch_count(pretrained, tmp_path, caplog):
   first = linear_eval.evaluate(linear_config(pretrained, fast=True), str(tmp_path))
   assert first['mode'] == 'fast' and 'not the paper' in first['note']
-  assert (first['step'], first['epochs']) == (4, 1.0)
+  assert (first['step'], first['epochs']) == (3, 1.0)   # 128 - 13 held out: 3 steps of 32
   caplog.set_level('INFO')
   second = linear_eval.evaluate(linear_config(pretrained, fast=True, num_epochs=2),
                                 str(tmp_path))
-  assert (second['step'], second['epochs']) == (8, 2.0)
-  assert 'Resumed from' in caplog.text and 'at step 4 (epoch 1.00)' in caplog.text
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['4', '8']
+  assert (second['step'], second['epochs']) == (6, 2.0)
+  assert 'Resumed from' in caplog.text and 'at step 3.' in caplog.text
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
   with pytest.raises(ValueError, match='use a new --workdir'):  # another mode, same workdir
     linear_eval.evaluate(linear_config(pretrained, fast=False, num_epochs=2), str(tmp_path))
 
 
 def test_eval_crops_are_deterministic(pretrained):
-  cfg, _, _ = linear_eval.check(linear_config(pretrained))
-  sharding = linear_eval.step_lib.mesh_and_shardings()[2]
-  features = linear_eval.make_features(linear_eval.backbone_module(cfg))
-  frozen = jax.device_put(linear_eval.load_backbone(cfg.pretrained_checkpoint))
+  cfg, _, _ = linear.check(linear_config(pretrained))
+  sharding = methods.mesh_and_shardings()[2]
+  features = linear.make_features(linear.backbone_module(cfg))
+  frozen = jax.device_put(linear.load_backbone(cfg.pretrained_checkpoint))
   (a, la), (b, lb) = (linear_eval.extract_features(cfg, features, frozen, 'test', sharding)
                       for _ in range(2))
   assert a.shape == (64, 32) and np.array_equal(a, b) and np.array_equal(la, lb)
 
 
 def test_data_and_model_come_from_the_pretraining_unless_overridden(pretrained, tmp_path):
-  cfg = linear_eval.resolve(linear_config(pretrained, **{'data.num_eval': 32}))
+  cfg = linear.resolve(linear_config(pretrained, **{'data.num_eval': 32}))
   assert (cfg.model.arch, cfg.model.width, cfg.model.cifar_stem) == ('resnet18', 4, True)
   assert (cfg.data.source, cfg.data.image_size, cfg.data.num_eval) == ('synthetic', 16, 64)
   assert cfg.data.augment.crop_scale == (0.08, 1.0) and cfg.data.augment.jitter_p == 0.0
-  kept = linear_eval.resolve(linear_config(pretrained, **{'data.num_eval': 32}),
+  kept = linear.resolve(linear_config(pretrained, **{'data.num_eval': 32}),
                              overridden=('data.num_eval',))
   assert (kept.data.num_eval, kept.data.image_size) == (32, 16)
   # A step dir copied without its workdir's config.json: the model is read off the weights.
   alone = tmp_path / 'copied' / 'checkpoints' / '2'
   shutil.copytree(os.path.join(pretrained, 'checkpoints', '2'), alone)
-  cfg = linear_eval.resolve(linear_config(str(alone), data_from_pretrained=False))
+  cfg = linear.resolve(linear_config(str(alone), data_from_pretrained=False))
   assert (cfg.model.arch, cfg.model.width, cfg.model.cifar_stem) == ('resnet18', 4, True)
 
 
 def test_bad_input_gives_clear_errors(pretrained, tmp_path):
-  check = lambda **changes: linear_eval.check(linear_config(**{'pretrained': pretrained,
+  check = lambda **changes: linear.check(linear_config(**{'pretrained': pretrained,
                                                                 **changes}))
   with pytest.raises(ValueError, match='pretrained is required'):
     check(pretrained='')
@@ -142,4 +144,4 @@ def test_command_line(pretrained, tmp_path):
                       capture_output=True, text=True, timeout=300)
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "fast mode (cached center-crop features), not the paper's protocol" in ok.stdout
-  assert json.load(open(tmp_path / 'results.json'))['step'] == 8
+  assert json.load(open(tmp_path / 'results.json'))['step'] == 6   # 2 epochs of 3 steps

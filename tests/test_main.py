@@ -31,7 +31,7 @@ def test_runs_checkpoints_and_resumes(tmp_path):
   assert json.load(open(tmp_path / 'config.json'))['batch_size'] == 32
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
   assert json.load(open(tmp_path / 'results.json'))['step'] == 3
-  assert 'kNN top-1 (k=200)' in first.stdout and 'random init' in first.stdout
+  assert 'kNN top-1 (k=200, backbone)' in first.stdout and 'random init' in first.stdout
 
   assert not os.path.exists(tmp_path / 'plugins')  # no profile unless asked for
 
@@ -41,7 +41,7 @@ def test_runs_checkpoints_and_resumes(tmp_path):
   assert list((tmp_path / 'plugins' / 'profile').glob('*/*.xplane.pb'))
   assert 'Resumed from' in second.stderr and 'at step 3' in second.stderr
   assert 'step 4/8' in second.stderr and 'step 2/8' not in second.stderr
-  assert 'kNN top-1 at init' not in second.stderr  # measured once, by the first run ...
+  assert 'kNN top-1 at step 0' not in second.stderr  # measured once, by the first run ...
   assert 'random init' in second.stdout             # ... and still reported at the end
   results = json.load(open(tmp_path / 'results.json'))
   assert results['step'] == 8 and 'knn_top1_init' in results
@@ -69,7 +69,7 @@ def _config(**changes):
 
 
 @pytest.mark.parametrize('changes, message', [
-    ({'batch_size': 36}, 'not divisible by the 8 devices'),
+    ({'batch_size': 36}, 'not a positive multiple of the 8 devices'),
     ({'moco.queue_size': 1000}, 'not a multiple of the 128 keys'),
     ({'moco.queue_size': 128, 'moco.symmetric': True}, 'not a multiple of the 256 keys'),
     ({'moco.bn_groups': 3}, 'does not split into moco.bn_groups=3'),
@@ -113,15 +113,15 @@ def test_table2_simclr_row_runs_exports_and_reports(tmp_path):
          *SYNTHETIC, '--config.optim.warmup_epochs=1.0', '--config.num_train_steps=3']
   first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert 'simclr: 128 examples' in first.stderr and 'lars lr 0.0375' in first.stderr
+  assert 'simclr: 4 steps per epoch' in first.stderr and 'lars lr 0.0375' in first.stderr
   second = subprocess.run(cmd[:-1], cwd=REPO, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'at step 3' in second.stderr and 'step 8/8' in second.stderr
 
-  from mocov2_jax import convert, report  # pylint: disable=g-import-not-at-top
-  convert.export(str(pre), 'safetensors', str(tmp_path / 'b.safetensors'))
+  from mocov2_jax import torch_io  # pylint: disable=g-import-not-at-top
+  torch_io.export(str(pre), 'safetensors', str(tmp_path / 'b.safetensors'))
   with pytest.raises(ValueError, match='no key encoder'):
-    convert.export(str(pre), 'moco', str(tmp_path / 'm.pth'))
+    torch_io.export(str(pre), 'moco', str(tmp_path / 'm.pth'))
   cmd = [sys.executable, '-m', 'mocov2_jax.linear_eval',
          f'--config={REPO}/configs/linear_eval_cifar10.py', f'--config.pretrained={pre}',
          f'--workdir={lin}', '--config.fast=True', '--config.batch_size=32',

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mocov2_jax.data import pipeline, recipes
+from mocov2_jax.data import pipeline, recipes, sources
 
 
 def config(**overrides):
@@ -38,6 +38,17 @@ def take(ds, n):
   return [{k: v.numpy() for k, v in batch.items()} for batch in ds.take(n)]
 
 
+def train_take(cfg, n, *, local_batch_size, seed, start_step=0, process_index=0,
+               process_count=1, steps=None):
+  """The first `n` training batches of one process from `start_step` on."""
+  steps = steps or pipeline.num_examples(cfg, cfg.train_split) // (local_batch_size *
+                                                                    process_count)
+  it = pipeline.train_batches(cfg, local_batch_size=local_batch_size, steps_per_epoch=steps,
+                              seed=seed, start_step=start_step, process_index=process_index,
+                              process_count=process_count)
+  return [next(it) for _ in range(n)]
+
+
 def write_images(root, num, labelled):
   """`num` flat-colour PNGs of varied sizes, ids 1..num; class 'c<id % 3>' when labelled."""
   for i in range(1, num + 1):
@@ -49,9 +60,9 @@ def write_images(root, num, labelled):
 # ---- synthetic source: batches, reproducibility ----
 def test_pretrain_batches_are_reproducible():
   cfg = config()
-  a = take(pipeline.pretrain_dataset(cfg, local_batch_size=8, seed=1), 6)   # > 1 epoch
-  b = take(pipeline.pretrain_dataset(cfg, local_batch_size=8, seed=1), 6)
-  c = take(pipeline.pretrain_dataset(cfg, local_batch_size=8, seed=2), 6)
+  a = train_take(cfg, 6, local_batch_size=8, seed=1)   # > 1 epoch
+  b = train_take(cfg, 6, local_batch_size=8, seed=1)
+  c = train_take(cfg, 6, local_batch_size=8, seed=2)
   for key, dtype, shape in [('view1', np.float32, (8, 16, 16, 3)),
                             ('view2', np.float32, (8, 16, 16, 3)), ('label', np.int32, (8,))]:
     assert a[0][key].dtype == dtype and a[0][key].shape == shape
@@ -62,7 +73,19 @@ def test_pretrain_batches_are_reproducible():
   assert np.abs(a[0]['view1'] - a[0]['view2']).mean() > 0.1        # two independent views
   labels = np.concatenate([x['label'] for x in a[:5]])               # epoch 1: 40 examples
   np.testing.assert_array_equal(np.bincount(labels), [4] * 10)
-  assert not (labels == pipeline._synthetic(40, 0)[1]).all()         # shuffled
+  assert not (labels == sources._shapes(40, 0)[1]).all()             # shuffled
+  assert not np.array_equal(np.concatenate([x['label'] for x in a[5:]]), labels[:8])  # reshuffled
+
+
+def test_a_stream_re_entered_at_any_step_is_the_same():
+  """Exact resume: the batches from step s on do not depend on where the stream started."""
+  cfg = config()
+  whole = train_take(cfg, 8, local_batch_size=8, seed=3)
+  for start in (3, 5, 7):   # mid-epoch, an epoch's start, the next epoch's middle
+    resumed = train_take(cfg, 8 - start, local_batch_size=8, seed=3, start_step=start)
+    for x, y in zip(whole[start:], resumed):
+      for key in x:
+        np.testing.assert_array_equal(x[key], y[key])
 
 
 # ---- image folder ----
@@ -74,23 +97,24 @@ def test_folder_shards_are_disjoint_and_cover(tmp_path, labelled):
   assert pipeline.num_examples(cfg, 'train') == 13
   seen, seen_eval = [], []
   for p in range(2):
-    batches = take(pipeline.pretrain_dataset(cfg, local_batch_size=1, seed=0, process_index=p,
-                                             process_count=2), 14)
-    got = ids(np.concatenate([b['view1'] for b in batches]))
-    n = 7 - p                                 # files[p::2] of 13
-    assert sorted(got[:n]) == sorted(got[n:2 * n]) and len(set(got[:n])) == n   # epochs
+    batches = train_take(cfg, 12, local_batch_size=1, seed=0, process_index=p, process_count=2)
+    got = ids(np.concatenate([b['view1'] for b in batches]))   # 2 epochs of 13 // 2 = 6 steps
+    assert len(set(got[:6])) == len(set(got[6:])) == 6 and got[:6] != got[6:]
     assert ids(np.concatenate([b['view2'] for b in batches])) == got
     labels = np.concatenate([b['label'] for b in batches])
     np.testing.assert_array_equal(labels, [i % 3 if labelled else -1 for i in got])
-    seen.append(set(got))
+    seen.append(got)
+    n = 7 - p                                 # the eval shard: files[p::2] of 13
     ev = take(pipeline.eval_dataset(cfg, 'train', local_batch_size=4, process_index=p,
                                     process_count=2), 10)
     assert len(ev) == 2 and ev[0]['image'].shape == (4, 16, 16, 3)   # same count on both
     mask = np.concatenate([b['mask'] for b in ev])
     assert mask.sum() == n
     seen_eval.append(set(np.array(ids(np.concatenate([b['image'] for b in ev])))[mask == 1]))
-  for s in (seen, seen_eval):
-    assert not s[0] & s[1] and s[0] | s[1] == set(range(1, 14))
+  for epoch in (slice(0, 6), slice(6, 12)):   # the processes share out each epoch
+    a, b = set(seen[0][epoch]), set(seen[1][epoch])
+    assert not a & b and len(a | b) == 12 and a | b <= set(range(1, 14))
+  assert not seen_eval[0] & seen_eval[1] and seen_eval[0] | seen_eval[1] == set(range(1, 14))
 
 
 def test_folder_without_split_subfolders_is_the_train_split(tmp_path):
@@ -98,7 +122,7 @@ def test_folder_without_split_subfolders_is_the_train_split(tmp_path):
     (tmp_path / name).mkdir()
     Image.new('RGB', (30, 20), (i, 0, 0)).save(tmp_path / name / 'a.jpg')
   cfg = config(source='folder', folder=str(tmp_path))
-  labels = take(pipeline.pretrain_dataset(cfg, local_batch_size=2, seed=0), 1)[0]['label']
+  labels = train_take(cfg, 1, local_batch_size=2, seed=0)[0]['label']
   assert sorted(labels) == [0, 1]
   with pytest.raises(ValueError, match='test'):   # no eval split there
     pipeline.check_data(cfg)
@@ -132,7 +156,7 @@ def test_eval_padding(process_count, masks):
 def test_tfds_mock_data_views():
   cfg = config(source='tfds', name='cifar10', image_size=32)
   with tfds.testing.mock_data(num_examples=12):
-    batches = take(pipeline.pretrain_dataset(cfg, local_batch_size=4, seed=0), 4)
+    batches = train_take(cfg, 4, local_batch_size=4, seed=0, steps=3)
   for b in batches:
     assert b['view1'].shape == b['view2'].shape == (4, 32, 32, 3)
     assert b['view1'].dtype == np.float32 and b['label'].dtype == np.int32
@@ -173,8 +197,7 @@ def test_tfds_shards_are_disjoint_and_cover(tfds_dir):
   assert pipeline.num_examples(cfg, 'train') == 11
   seen, seen_eval = [], []
   for p in range(2):
-    batches = take(pipeline.pretrain_dataset(cfg, local_batch_size=1, seed=0, process_index=p,
-                                             process_count=2), 5)
+    batches = train_take(cfg, 5, local_batch_size=1, seed=0, process_index=p, process_count=2)
     got = ids(np.concatenate([b['view1'] for b in batches]))
     assert len(set(got)) == 5
     seen.append(set(got))
@@ -198,12 +221,12 @@ def test_check_data_errors(tmp_path, tfds_dir):
   for i in range(5):
     Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'train' / 'a' / f'{i}.jpg')
     Image.new('RGB', (8, 8), (i, 0, 0)).save(tmp_path / 'test' / f'{i}.jpg')
-  pipeline._list_images.cache_clear()   # listings are cached per folder
+  sources._list_images.cache_clear()   # listings are cached per folder
   pipeline.check_data(config(source='folder', folder=str(tmp_path)))
   with pytest.raises(ValueError, match="No folder .*'val'"):
     pipeline.check_data(config(source='folder', folder=str(tmp_path), eval_split='val'))
   (tmp_path / 'test' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-  pipeline._list_images.cache_clear()
+  sources._list_images.cache_clear()
   with pytest.raises(ValueError, match='broken.jpg'):
     pipeline.check_data(config(source='folder', folder=str(tmp_path)))
   with pytest.raises(ValueError, match='not prepared.*manual_dir'):
@@ -232,6 +255,6 @@ def test_folder_labels_follow_the_train_classes(tmp_path):
   assert sorted(batch['label'].tolist()) == [1, 2]
   (tmp_path / 'test' / 'd').mkdir()
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'test' / 'd' / 'y.png')
-  pipeline._list_images.cache_clear()
+  sources._list_images.cache_clear()
   with pytest.raises(ValueError, match=r"classes the train split lacks: \['d'\]"):
     pipeline.check_data(cfg)

@@ -36,7 +36,7 @@ def sample_params(key, recipe):
       jitter=u(1) < recipe.jitter_p,
       jitter_factors=lo + (hi - lo) * u(2, (4,)),   # brightness, contrast, saturation, hue
       jitter_order=jnp.argsort(u(3, (4,))).astype(jnp.int32),   # a uniform random permutation
-      gray=u(4) < recipe.gray_p + 0.05,
+      gray=u(4) < recipe.gray_p,
       blur=u(5) < recipe.blur_p,
       blur_sigma=u(6, (), *recipe.blur_sigma))
 

@@ -142,6 +142,9 @@ class ImageFolder(_Indexed):
   def num_classes(self):
     return len(self.class_names())
 
+  def decode(self, image):
+    return decode(tf.io.read_file(image))   # records hold the file's path
+
 
 def _subfolders(directory):
   return sorted(p.name for p in epath.Path(directory).iterdir()
@@ -162,8 +165,10 @@ def _list_images(directory, class_names):
     raise ValueError(f'{str(directory)!r} has classes the train split lacks: {unknown[:5]}; '
                      "every split must use the train split's class folders.")
   files, labels = [], []
-  for name in classes:
-    found = sorted(str(p) for p in (directory / name).rglob('*') if is_image(p))
+  for name in classes:   # tf.io.gfile: recursive listing on local disks and gs:// alike
+    found = sorted(f'{root.rstrip("/")}/{n}' for root, _, names in
+                   tf.io.gfile.walk(str(directory / name)) for n in names
+                   if n.lower().endswith(IMAGE_EXTENSIONS))
     files += found
     labels += [class_names.index(name)] * len(found)
   return files, np.array(labels, np.int32)
