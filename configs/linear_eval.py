@@ -55,4 +55,5 @@ def get_config():
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000   # and at the end; the last `keep_checkpoints` are kept
   c.keep_checkpoints = 2
+  c.profile_steps = 0               # > 0: one profiler trace of this many steps (as pre-training)
   return c

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from mocov2_jax import convert, defaults, optim, methods
+from mocov2_jax import defaults, methods, optim, torch_io
+from tests.helpers import run_cli
 from tests.torch_resnet import TorchResNet, torch_forward
 
 
@@ -98,7 +99,7 @@ def test_exported_weights_give_the_same_model_in_pytorch(tmp_path, arch, width, 
   workdir = save_workdir(tmp_path / 'wd', config, state, steps=(17,))
   for fmt, ext in (('moco', 'pth.tar'), ('torchvision', 'pth'), ('safetensors', 'safetensors'),
                    ('detectron2', 'pkl')):
-    convert.export(workdir, fmt, str(tmp_path / f'out.{ext}'))
+    torch_io.export(workdir, fmt, str(tmp_path / f'out.{ext}'))
 
   model = methods.create_model(config)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -165,7 +166,7 @@ def test_full_resnet50_loads_strictly_and_reference_tools_accept_it(tmp_path):
   state = random_state(config, seed=3)
   workdir = save_workdir(tmp_path / 'wd', config, state)
   for fmt, name in (('torchvision', 'r50.pth'), ('moco', 'r50.pth.tar')):
-    convert.export(workdir, fmt, str(tmp_path / name))
+    torch_io.export(workdir, fmt, str(tmp_path / name))
 
   ref = TorchResNet('resnet50')  # torchvision.models.resnet50()
   want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if not k.startswith('fc.')}
@@ -195,7 +196,7 @@ def test_demo_torchvision_variant_exports_a_stock_resnet18(tmp_path):
   config = demo.get_config('torchvision')
   state = random_state(config, seed=4)
   workdir = save_workdir(tmp_path / 'wd', config, state)
-  convert.export(workdir, 'torchvision', str(tmp_path / 'resnet18.pth'))
+  torch_io.export(workdir, 'torchvision', str(tmp_path / 'resnet18.pth'))
 
   ref = TorchResNet('resnet18')  # torchvision.models.resnet18(): width 64, ImageNet stem
   sd = torch.load(tmp_path / 'resnet18.pth', weights_only=True)
@@ -234,9 +235,9 @@ def assert_trees_equal(a, b):
 
 def test_moco_round_trip_is_exact_and_resumable(tiny, tmp_path):
   workdir, config, state = tiny
-  convert.export(workdir, 'moco', str(tmp_path / 'm.pth.tar'))
+  torch_io.export(workdir, 'moco', str(tmp_path / 'm.pth.tar'))
   out = str(tmp_path / 'imported')
-  convert.import_weights('moco', str(tmp_path / 'm.pth.tar'), out)
+  torch_io.import_weights('moco', str(tmp_path / 'm.pth.tar'), out)
   written = json.load(open(os.path.join(out, 'config.json')))
   assert written['model'] == dict(config.model.to_dict())
   assert written['moco']['queue_size'] == 64
@@ -245,7 +246,7 @@ def test_moco_round_trip_is_exact_and_resumable(tiny, tmp_path):
     assert_trees_equal(getattr(new, field), getattr(state, field))
   assert int(new.step) == 0
   # ... and out again: the same file.
-  convert.export(out, 'moco', str(tmp_path / 'm2.pth.tar'))
+  torch_io.export(out, 'moco', str(tmp_path / 'm2.pth.tar'))
   a, b = (torch.load(tmp_path / f, weights_only=True)['state_dict']
           for f in ('m.pth.tar', 'm2.pth.tar'))
   assert a.keys() == b.keys()
@@ -256,9 +257,9 @@ def test_moco_round_trip_is_exact_and_resumable(tiny, tmp_path):
 def test_torchvision_round_trip_keeps_the_backbone(tiny, tmp_path, ext):
   workdir, config, state = tiny
   path = str(tmp_path / f'r18.{ext}')
-  convert.export(workdir, 'torchvision' if ext == 'pth' else 'safetensors', path)
+  torch_io.export(workdir, 'torchvision' if ext == 'pth' else 'safetensors', path)
   out = str(tmp_path / 'imported')
-  convert.import_weights('torchvision', path, out, config=make_config(dim=16),
+  torch_io.import_weights('torchvision', path, out, config=make_config(dim=16),
                          arch='resnet18', width=8, cifar_stem=True)
   new = restore_like_train_py(out, config)
   assert_trees_equal(new.params['backbone'], state.params['backbone'])
@@ -274,27 +275,34 @@ def test_torchvision_round_trip_keeps_the_backbone(tiny, tmp_path, ext):
 # ---------------------------------------------------------------------------------------------
 # The command line, errors, and no PyTorch
 
-def test_command_line_exports_a_step_dir_and_imports(tiny, tmp_path, capsys):
+def test_command_line_exports_a_step_dir_and_imports(tiny, tmp_path):
   workdir, _, _ = tiny
   out = str(tmp_path / 'r18.pth')
-  convert.main(['convert', f'--checkpoint={workdir}/checkpoints/3', '--format=torchvision',
-                f'--out={out}'])
+  run_cli('convert', f'--checkpoint={workdir}/checkpoints/3', '--format=torchvision',
+          f'--out={out}')
   assert torch.load(out, weights_only=True)['bn1.num_batches_tracked'].item() == 3
-  convert.main(['convert', '--from=torchvision', out, f'--out={tmp_path}/wd', '--arch=resnet18'])
-  printed = capsys.readouterr().out
+  printed = run_cli('convert', '--from=torchvision', out, f'--out={tmp_path}/wd',
+                    '--arch=resnet18').stdout
   assert '--config.model.arch=resnet18' in printed and '--config.model.width=8' in printed
   assert os.listdir(tmp_path / 'wd' / 'checkpoints') == ['0']
+  bad = run_cli('convert', f'--checkpoint={tmp_path}/empty', f'--out={tmp_path}/x.pth', code=2)
+  assert 'does not exist' in bad.stderr and 'Traceback' not in bad.stderr
+  (tmp_path / 'garbage.safetensors').write_bytes(b'not a safetensors file at all')
+  (tmp_path / 'garbage.pth').write_bytes(b'PK not a torch file')
+  for name in ('garbage.safetensors', 'garbage.pth'):
+    bad = run_cli('convert', '--from=torchvision', str(tmp_path / name), f'--out={tmp_path}/g',
+                  code=2)
+    assert name in bad.stderr and 'Traceback' not in bad.stderr and len(bad.stderr.split('\n')) < 4
+    assert not (tmp_path / 'g').exists()
 
 
 def test_clear_errors(tiny, tmp_path):
   workdir, _, _ = tiny
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    convert.export(str(tmp_path / 'nowhere'), 'torchvision', str(tmp_path / 'x.pth'))
+    torch_io.export(str(tmp_path / 'nowhere'), 'torchvision', str(tmp_path / 'x.pth'))
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    convert.export(str(tmp_path / 'empty'), 'torchvision', str(tmp_path / 'x.pth'))
-  with pytest.raises(SystemExit, match='no checkpoint'):
-    convert.main(['convert', f'--checkpoint={tmp_path}/empty', f'--out={tmp_path}/x.pth'])
+    torch_io.export(str(tmp_path / 'empty'), 'torchvision', str(tmp_path / 'x.pth'))
 
   # A config.json that does not describe the checkpoint: width, then arch.
   for field, value in (('width', 32), ('arch', 'resnet34')):
@@ -303,30 +311,29 @@ def test_clear_errors(tiny, tmp_path):
       f.write(make_config(**{field: value}).to_json_best_effort())
     os.symlink(os.path.join(workdir, 'checkpoints'), tmp_path / field / 'checkpoints')
     with pytest.raises(ValueError, match=f'config.json says {field}={value}'):
-      convert.export(str(tmp_path / field), 'torchvision', str(tmp_path / 'x.pth'))
+      torch_io.export(str(tmp_path / field), 'torchvision', str(tmp_path / 'x.pth'))
 
   path = str(tmp_path / 'r18.pth')
-  convert.export(workdir, 'torchvision', path)
+  torch_io.export(workdir, 'torchvision', path)
   with pytest.raises(ValueError, match='arch=resnet18.*says arch=resnet50'):
-    convert.import_weights('torchvision', path, str(tmp_path / 'a'), arch='resnet50')
+    torch_io.import_weights('torchvision', path, str(tmp_path / 'a'), arch='resnet50')
   with pytest.raises(ValueError, match='says width=64'):
-    convert.import_weights('torchvision', path, str(tmp_path / 'b'), width=64)
+    torch_io.import_weights('torchvision', path, str(tmp_path / 'b'), width=64)
   with pytest.raises(ValueError, match='not a MoCo checkpoint'):
-    convert.import_weights('moco', path, str(tmp_path / 'c'))
+    torch_io.import_weights('moco', path, str(tmp_path / 'c'))
   with pytest.raises(ValueError, match='not empty'):
-    convert.import_weights('torchvision', path, workdir)
+    torch_io.import_weights('torchvision', path, workdir)
 
 
 def test_without_torch_safetensors_still_works(tiny, tmp_path, monkeypatch):
   workdir, _, state = tiny
   monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` now fails
-  with pytest.raises(SystemExit, match=r"pip install -e '\.\[torch\]'"):
-    convert.main(['convert', f'--checkpoint={workdir}', '--format=torchvision',
-                  f'--out={tmp_path}/x.pth'])
+  with pytest.raises(ImportError, match=r"pip install -e '\.\[torch\]'"):
+    torch_io.export(workdir, 'torchvision', f'{tmp_path}/x.pth')
   out = str(tmp_path / 'x.safetensors')
-  convert.main(['convert', f'--checkpoint={workdir}', '--format=safetensors', f'--out={out}'])
+  torch_io.export(workdir, 'safetensors', out)
   st = load_file(out)
   np.testing.assert_array_equal(st['layer1.0.conv1.weight'], np.asarray(
       state.params['backbone']['layer1_0']['conv1']['kernel']).transpose(3, 2, 0, 1))
-  convert.import_weights('torchvision', out, str(tmp_path / 'wd'), config=make_config())
+  torch_io.import_weights('torchvision', out, str(tmp_path / 'wd'), config=make_config())
   assert os.listdir(tmp_path / 'wd' / 'checkpoints') == ['0']

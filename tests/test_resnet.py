@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mocov2_jax.models import resnet
-from tests.torch_resnet import TorchResNet
+from tests.torch_resnet import TorchResNet, torch_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,29 +137,6 @@ def test_feature_dims():
 # ---------------------------------------------------------------------------------------------
 # Equivalence with a torchvision-layout PyTorch ResNet (written here, torchvision not needed)
 
-def _torch_name(path):
-  """('backbone', 'layer2_0', 'downsample_bn', 'scale') -> 'layer2.0.downsample.1.weight'."""
-  mods, leaf = path[:-1], path[-1]
-  parts = []
-  for m in mods[1:]:
-    if m.startswith('layer'):
-      i, j = m[len('layer'):].split('_')
-      parts += [f'layer{i}', j]
-    elif m == 'downsample_conv':
-      parts += ['downsample', '0']
-    elif m == 'downsample_bn':
-      parts += ['downsample', '1']
-    elif m == 'fc0':
-      parts += ['fc', '0']
-    elif m == 'fc2':
-      parts += ['fc', '2']
-    else:
-      parts.append(m)
-  suffix = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
-            'var': 'running_var'}[leaf]
-  return '.'.join(parts + [suffix])
-
-
 def _to_torch_array(path, x):
   x = np.asarray(x, np.float32)
   if path[-1] == 'kernel' and x.ndim == 4:
@@ -174,7 +151,7 @@ def _load_into_torch(tmodel, variables):
   for col in ('params', 'batch_stats'):
     for p, x in jax.tree_util.tree_flatten_with_path(variables[col])[0]:
       path = tuple(k.key for k in p)
-      sd[_torch_name(path)] = torch.from_numpy(_to_torch_array(path, x).copy())
+      sd[torch_name(path)] = torch.from_numpy(_to_torch_array(path, x).copy())
   missing, unexpected = tmodel.load_state_dict(sd, strict=False)
   assert not unexpected, unexpected
   assert all(k.endswith('num_batches_tracked') for k in missing), missing
@@ -246,7 +223,7 @@ def test_matches_torch_in_train_mode_global_bn():
   _assert_close(z, tz)
   tsd = tmodel.state_dict()
   for p, v in jax.tree_util.tree_flatten_with_path(new['batch_stats'])[0]:
-    name = _torch_name(tuple(k.key for k in p))
+    name = torch_name(tuple(k.key for k in p))
     np.testing.assert_allclose(np.asarray(v), tsd[name].numpy(), rtol=1e-5, atol=1e-6,
                                err_msg=name)
 

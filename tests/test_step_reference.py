@@ -18,83 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn as tnn
 import torch.nn.functional as F
 
-from mocov2_jax import optim, methods
+from mocov2_jax import methods, optim
+from tests.helpers import shardings
+from tests.torch_resnet import GroupBatchNorm2d, TorchResNet, torch_name
 
 BATCH, IMAGE, STEPS, STEPS_PER_EPOCH, EPOCHS = 16, 16, 3, 1, 5
 
 
 # ---------------------------------------------------------------------------------------------
 # PyTorch reference
-
-class GroupBatchNorm2d(tnn.BatchNorm2d):
-  """Train mode: BN statistics over each contiguous group of N/groups examples (one group per
-  GPU in the reference), each group's running statistics updated PyTorch's way (momentum 0.1,
-  unbiased variance) from the shared running statistics, then averaged over groups (as the
-  reference demo's SplitBatchNorm does). Eval mode: plain BN with the running statistics."""
-
-  def __init__(self, c, groups):
-    super().__init__(c)
-    self.groups = groups
-
-  def forward(self, x):
-    if not self.training:
-      return super().forward(x)
-    outs, means, vars_ = [], [], []
-    for xg in x.chunk(self.groups, dim=0):
-      rm, rv = self.running_mean.clone(), self.running_var.clone()
-      outs.append(F.batch_norm(xg, rm, rv, self.weight, self.bias, True, self.momentum, self.eps))
-      means.append(rm)
-      vars_.append(rv)
-    with torch.no_grad():
-      self.running_mean.copy_(torch.stack(means).mean(0))
-      self.running_var.copy_(torch.stack(vars_).mean(0))
-    return torch.cat(outs, 0)
-
-
-class BasicBlock(tnn.Module):
-  def __init__(self, cin, planes, stride, norm):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-    self.bn1 = norm(planes)
-    self.conv2 = tnn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-    self.bn2 = norm(planes)
-    self.downsample = None
-    if stride != 1 or cin != planes:
-      self.downsample = tnn.Sequential(tnn.Conv2d(cin, planes, 1, stride, bias=False), norm(planes))
-
-  def forward(self, x):
-    y = F.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
-    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class CifarResNet18(tnn.Module):
-  """torchvision's resnet18 with the demo's CIFAR stem (3x3 stride-1 conv1, no max-pool) and the
-  MoCo head in `fc` (builder.py: Linear, or Sequential(Linear, ReLU, Linear) with mlp=True)."""
-
-  def __init__(self, width, groups, head, dim):
-    super().__init__()
-    norm = lambda c: GroupBatchNorm2d(c, groups)
-    self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-    self.bn1 = norm(width)
-    cin = width
-    for i in range(4):
-      planes = width * 2**i
-      setattr(self, f'layer{i + 1}', tnn.Sequential(
-          BasicBlock(cin, planes, 1 if i == 0 else 2, norm), BasicBlock(planes, planes, 1, norm)))
-      cin = planes
-    fc = tnn.Linear(cin, dim)
-    self.fc = tnn.Sequential(tnn.Linear(cin, cin), tnn.ReLU(), fc) if head == 'mlp' else fc
-
-  def forward(self, x):
-    x = F.relu(self.bn1(self.conv1(x)))
-    for i in range(4):
-      x = getattr(self, f'layer{i + 1}')(x)
-    return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
 
 class TorchMoCo:
   """builder.py's MoCo (single process) with the demo's symmetric option."""
@@ -122,10 +56,10 @@ class TorchMoCo:
     self.ptr = (self.ptr + n) % self.queue.shape[1]
 
   def contrastive_loss(self, im_q, im_k, perm):
-    q = F.normalize(self.encoder_q(im_q), dim=1)
+    q = F.normalize(self.encoder_q(im_q)[1], dim=1)
     with torch.no_grad():
       idx_unshuffle = torch.argsort(perm)
-      k = F.normalize(self.encoder_k(im_k[perm]), dim=1)[idx_unshuffle]
+      k = F.normalize(self.encoder_k(im_k[perm])[1], dim=1)[idx_unshuffle]
     l_pos = torch.einsum('nc,nc->n', q, k).unsqueeze(-1)
     l_neg = torch.einsum('nc,ck->nk', q, self.queue.clone().detach())
     logits = torch.cat([l_pos, l_neg], dim=1) / self.tau
@@ -153,22 +87,6 @@ class TorchMoCo:
 # ---------------------------------------------------------------------------------------------
 # Flax <-> torch names (the torchvision layout)
 
-def _torch_name(path):
-  mods, leaf = path[:-1], path[-1]
-  parts = []
-  for m in mods[1:]:
-    if m.startswith('layer'):
-      parts += m.split('_')
-    elif m in ('downsample_conv', 'downsample_bn'):
-      parts += ['downsample', '0' if m.endswith('conv') else '1']
-    elif m in ('fc0', 'fc2'):
-      parts += ['fc', m[2]]
-    else:
-      parts.append(m)
-  return '.'.join(parts + [{'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
-                            'mean': 'running_mean', 'var': 'running_var'}[leaf]])
-
-
 def _flat(tree):
   return {tuple(k.key for k in p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -188,9 +106,10 @@ def _from_torch(path, t):
 
 
 def _build_torch_encoder(config, params, batch_stats):
-  net = CifarResNet18(config.model.width, config.moco.bn_groups, config.model.head,
-                      config.model.dim)
-  sd = {_torch_name(p): _to_torch(p, x) for p, x in {**_flat(params), **_flat(batch_stats)}.items()}
+  groups = config.moco.bn_groups
+  net = TorchResNet('resnet18', config.model.width, cifar_stem=True, fc=config.model.head,
+                    dim=config.model.dim, norm=lambda c: GroupBatchNorm2d(c, groups))
+  sd = {torch_name(p): _to_torch(p, x) for p, x in {**_flat(params), **_flat(batch_stats)}.items()}
   missing, unexpected = net.load_state_dict(sd, strict=False)
   assert not unexpected and all(k.endswith('num_batches_tracked') for k in missing), (
       missing, unexpected)
@@ -200,7 +119,7 @@ def _build_torch_encoder(config, params, batch_stats):
 def _torch_values(tree, net):
   """The torch counterparts of the leaves of a Flax tree, in the Flax layout, as float64."""
   sd = net.state_dict()
-  return {p: np.asarray(_from_torch(p, sd[_torch_name(p)].to(torch.float64)), np.float64)
+  return {p: np.asarray(_from_torch(p, sd[torch_name(p)].to(torch.float64)), np.float64)
           for p in _flat(tree)}
 
 
@@ -224,7 +143,7 @@ def _assert_tree_matches_torch(tree, net, what, rtol, atol):
   flat = _flat(tree)
   assert flat
   for path, x in flat.items():
-    name = _torch_name(path)
+    name = torch_name(path)
     np.testing.assert_allclose(x, _from_torch(path, sd[name]), rtol=rtol, atol=atol,
                                err_msg=f'{what}: {"/".join(path)} vs torch {name}')
 
@@ -299,9 +218,7 @@ def test_steps_match_pytorch_reference(tiny_config, head, symmetric, overrides, 
                   config.optim.momentum)
   base_rng, step0 = np.asarray(state.rng), int(state.step)
 
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  repl, data = shardings(jax.devices()[:1])
   train_step = methods.jit_train_step(config, sched, repl, data)
   state = jax.device_put(state, repl)
 
