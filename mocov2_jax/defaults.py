@@ -37,7 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
       source='tfds', name='imagenet2012', data_dir='', manual_dir='', folder='',  # '' = unset
       train_split='train', eval_split='validation', image_size=224, eval_crop_frac=0.875,
       shuffle_buffer=16384, num_train=0, num_eval=0, synthetic_seed=0,
-      augment=recipes.recipe('mocov2')))
+      augment=recipes.recipe('mocov2'),
+      # 'device': tf.data decodes and crops (uint8 to the devices), the jitted step does the
+      # rest of the recipe (flip, jitter, grayscale, blur, normalisation); 'host': all in tf.data.
+      augment_on='device'))
 
   # kNN monitor: off for ImageNet (a 1.28M x 2048 bank does not fit beside training); the CIFAR
   # and demo configs switch it on. Each pass measures both features (pooled backbone, head

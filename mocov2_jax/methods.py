@@ -16,6 +16,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mocov2_jax import moco, optim, simclr
+from mocov2_jax.data import device_augment
 from mocov2_jax.models import resnet
 
 METHODS = ('moco', 'simclr')
@@ -74,10 +75,31 @@ def create_train_state(rng, config, model, lr_schedule, image_size: int) -> Trai
       queue_ptr=jnp.zeros((), jnp.int32), rng=step_rng)
 
 
-def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=None):
+def view_finisher(config, step):
+  """finish(x, view, rows): the views the encoders see. Host augmentation: `x` as it came.
+  Device augmentation (`data.augment_on='device'`): `x` are uint8 crops and the rest of the
+  recipe runs here, keyed by (seed, step, view, global example index); `rows` are the global
+  indices of x's rows (a shuffled batch keeps its examples' draws)."""
+  if not is_device_augmented(config):
+    return lambda x, view, rows=None: x
+  recipe = config.data.augment
+
+  def finish(x, view, rows=None):
+    keys = device_augment.example_keys(config.seed, step, x.shape[0], view)
+    return device_augment.augment_batch(x, keys if rows is None else keys[rows], recipe)
+  return finish
+
+
+def is_device_augmented(config) -> bool:
+  return 'data' in config and config.data.get('augment_on', 'host') == 'device'
+
+
+def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=None,
+              finish=lambda x, view, rows=None: x):
   """One MoCo step: momentum update, shuffled keys, InfoNCE, SGD, enqueue.
 
-  `batch['view1']`, `batch['view2']`: the two views of the global batch, [N, H, W, 3].
+  `batch['view1']`, `batch['view2']`: the two views of the global batch, [N, H, W, 3], finished
+  by `finish` (`view_finisher`); a key batch is shuffled before it is finished (uint8 moves).
   With `moco_cfg.symmetric`, both views serve as queries (the reference CIFAR demo's option):
   loss = L(q1, k2) + L(q2, k1), and 2N keys are enqueued. `batch_sharding` keeps the shuffled key
   batch split over the devices (a gather alone would leave it replicated: every device would run
@@ -87,11 +109,12 @@ def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=
   key_params = moco.momentum_update(state.key_params, state.params, moco_cfg.momentum)
   rngs = jax.random.split(jax.random.fold_in(state.rng, state.step), 2)
 
-  def keys(x, rng, key_stats):
+  def keys(x, view, rng, key_stats):
     perm, unperm = moco.shuffle(rng, x.shape[0])
     x = x[perm]
     if batch_sharding is not None:
       x = jax.lax.with_sharding_constraint(x, batch_sharding)
+    x = finish(x, view, perm)
     (_, k), new = state.apply_fn({'params': key_params, 'batch_stats': key_stats}, x,
                                  train=True, mutable=['batch_stats'])
     return moco.normalize(k)[unperm], new['batch_stats']
@@ -101,15 +124,17 @@ def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=
                                  mutable=['batch_stats'])
     return moco.normalize(q), new['batch_stats']
 
-  k2, key_stats = keys(batch['view2'], rngs[0], state.key_batch_stats)
+  k2, key_stats = keys(batch['view2'], 1, rngs[0], state.key_batch_stats)
   if moco_cfg.symmetric:
-    k1, key_stats = keys(batch['view1'], rngs[1], key_stats)
+    k1, key_stats = keys(batch['view1'], 0, rngs[1], key_stats)
+  x1 = finish(batch['view1'], 0)
+  x2 = finish(batch['view2'], 1) if moco_cfg.symmetric else None
 
   def loss_fn(params):
-    q1, stats = queries(params, batch['view1'], state.batch_stats)
+    q1, stats = queries(params, x1, state.batch_stats)
     loss, z = moco.info_nce(q1, k2, state.queue, tau)
     if moco_cfg.symmetric:
-      q2, stats = queries(params, batch['view2'], stats)
+      q2, stats = queries(params, x2, stats)
       loss21, z21 = moco.info_nce(q2, k1, state.queue, tau)
       loss, z = loss + loss21, jnp.concatenate([z, z21])
     return loss, (z, stats)
@@ -125,12 +150,13 @@ def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=
   return state, TrainMetrics.single_from_model_output(**out)
 
 
-def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule, batch_sharding=None):
+def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule, batch_sharding=None,
+                finish=lambda x, view, rows=None: x):
   """One end-to-end step: both views through the encoder (global BN over all 2N), NT-Xent over
   the global batch, gradients through both views. LARS (or SGD) from the state's optimizer.
   `batch_sharding` keeps the 2N views split over the devices as the N examples were."""
   tau = simclr_cfg.temperature
-  x = simclr.interleave(batch['view1'], batch['view2'])
+  x = simclr.interleave(finish(batch['view1'], 0), finish(batch['view2'], 1))
   if batch_sharding is not None:
     x = jax.lax.with_sharding_constraint(x, batch_sharding)
 
@@ -149,11 +175,12 @@ def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule, batch_shar
 
 def train_step(state, batch, *, config, lr_schedule, batch_sharding=None):
   """The step of `config.method`."""
+  finish = view_finisher(config, state.step)
   if config.method == 'simclr':
     return simclr_step(state, batch, simclr_cfg=config.simclr, lr_schedule=lr_schedule,
-                       batch_sharding=batch_sharding)
+                       batch_sharding=batch_sharding, finish=finish)
   return moco_step(state, batch, moco_cfg=config.moco, lr_schedule=lr_schedule,
-                   batch_sharding=batch_sharding)
+                   batch_sharding=batch_sharding, finish=finish)
 
 
 def mesh_and_shardings():

@@ -43,6 +43,9 @@ def validate(config, num_devices: int, num_processes: int = 1):
       raise ValueError(f'{field}={config[field]} must be positive.')
   if config.knn.feature not in knn.FEATURES:
     raise ValueError(f'knn.feature={config.knn.feature!r}: choose one of {knn.FEATURES}.')
+  if config.data.augment_on not in ('host', 'device'):
+    raise ValueError(f"data.augment_on={config.data.augment_on!r}: 'device' (the default: "
+                     "the host only crops) or 'host' (the whole recipe in tf.data).")
   if config.profile_steps < 0:
     raise ValueError(f'profile_steps={config.profile_steps}: 0 (no trace) or a number of steps.')
   methods.create_model(config)  # unknown arch / head / dtype
@@ -67,8 +70,11 @@ def check(config, workdir=None) -> int:
 
 
 def pair_grid(batch, augment_cfg, n):
-  """[1, n*H, 2*W, 3] image of n (view1 | view2) pairs, un-normalised to [0, 1]."""
+  """[1, n*H, 2*W, 3] image of n (view1 | view2) pairs, un-normalised to [0, 1] (uint8: the
+  crops that device augmentation finishes)."""
   def show(x):
+    if x.dtype == np.uint8:
+      return np.asarray(x[:n], np.float32) / 255
     x = np.asarray(x[:n], np.float32)
     if augment_cfg.get('std') is not None:
       x = x * np.asarray(augment_cfg.std) + np.asarray(augment_cfg.mean)
@@ -138,7 +144,8 @@ class Pretraining(loop.Experiment):
     stream = pipeline.train_batches(
         cfg.data, local_batch_size=cfg.batch_size // jax.process_count(),
         steps_per_epoch=self.steps_per_epoch, seed=cfg.seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        crops_only=methods.is_device_augmented(cfg))
     views = ({'view1': b['view1'], 'view2': b['view2']} for b in stream)
     return loop.prefetch(views, self.batch_sharding)
 

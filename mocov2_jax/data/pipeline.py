@@ -41,10 +41,11 @@ def _options(ds):
 
 
 def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, process_index=0,
-                  process_count=1, num_views=2):
+                  process_count=1, num_views=2, crops_only=False):
   """`steps` batches of one epoch, from its step `skip_steps` on: dict(view1, view2: float32
   [B, S, S, 3], label: int32 [B]); `num_views=1` gives dict(image, label) instead (the linear
-  classifier's training input)."""
+  classifier's training input). `crops_only`: the views are the uint8 random-resized crops and
+  the device does the rest of the recipe (`device_augment`)."""
   source = sources.get(cfg)
   order_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
   ds = source.records(cfg.train_split, process_index, process_count, seed=order_seed)
@@ -55,9 +56,9 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
   def views(i, ex):
     example_seed = tf.random.experimental.stateless_fold_in(base_seed, i)
     seeds = tf.unstack(tf.random.experimental.stateless_split(example_seed, num_views))
-    image = source.decode(ex['image'])
-    out = {name: augment.view(image, s, cfg.augment, cfg.image_size)
-           for name, s in zip(names, seeds)}
+    image = source.decode(ex['image'])   # once, for every view
+    make = augment.crop_uint8 if crops_only else augment.view
+    out = {name: make(image, s, cfg.augment, cfg.image_size) for name, s in zip(names, seeds)}
     return dict(out, label=ex['label'])
 
   ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE)
@@ -66,14 +67,14 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
 
 
 def train_batches(cfg, *, local_batch_size, steps_per_epoch, seed, start_step=0,
-                  process_index=0, process_count=1, num_views=2):
+                  process_index=0, process_count=1, num_views=2, crops_only=False):
   """Process-local NumPy batches from global step `start_step` on, epoch after epoch."""
   epoch, skip = divmod(start_step, steps_per_epoch)
   while True:
     yield from epoch_dataset(
         cfg, local_batch_size=local_batch_size, steps=steps_per_epoch, seed=seed, epoch=epoch,
         skip_steps=skip, process_index=process_index, process_count=process_count,
-        num_views=num_views).as_numpy_iterator()
+        num_views=num_views, crops_only=crops_only).as_numpy_iterator()
     epoch, skip = epoch + 1, 0
 
 
