@@ -7,9 +7,16 @@ import sys
 from absl import app, flags, logging
 from etils import epath
 
-from mocov2_jax import loop
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 75, 130
 
-EXIT_BAD_INPUT = 2
+
+class Stop(Exception):
+  """Ends a program with `code` after printing `message` (no traceback): raised by the loop on
+  divergence and preemption."""
+
+  def __init__(self, message, code):
+    super().__init__(message)
+    self.code = code
 
 
 def _quiet_orbax(record):
@@ -41,7 +48,7 @@ def start():
 
 
 def fail(message, code=EXIT_BAD_INPUT):
-  print(f'{epath.Path(sys.argv[0]).name}: {message}', file=sys.stderr, flush=True)
+  print(f'{epath.Path(sys.argv[0]).stem}: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
 
 
@@ -56,9 +63,13 @@ def checked(fn, *args, **kwargs):
 
 def run(main):
   """app.run(main); a run stopped by the loop (preempted, diverged) ends with its line and code."""
+  for arg in sys.argv[1:]:   # before absl parses it (a missing file would print a traceback)
+    if arg.startswith('--config=') and not epath.Path(arg[9:].split(':')[0]).is_file():
+      fail(f'{arg}: no such file: pass a config file such as configs/mocov2.py.')
+
   def stoppable(argv):
     try:
       return main(argv)
-    except loop.Stop as e:
+    except Stop as e:
       fail(str(e), e.code)
   app.run(stoppable)

@@ -47,7 +47,8 @@ def convert(files):
     base = FLAGS.config or defaults.base_config()
     config = torch_io.import_weights(FLAGS['from'].value, files[0], FLAGS.out, base, FLAGS.arch,
                                      FLAGS.width, FLAGS.cifar_stem)
-    name = config_flags.get_config_filename(FLAGS['config']) if FLAGS.config else 'configs/mocov2.py'
+    name = (config_flags.get_config_filename(FLAGS['config']) if FLAGS.config
+            else 'configs/mocov2.py')
     return (f'wrote {FLAGS.out}/checkpoints/0; pre-train from it with your --config.* flags and:\n'
             f'  python -m mocov2_jax.main --config={name} --workdir={FLAGS.out} '
             + ' '.join(overrides(base, config)))

@@ -40,7 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
       augment=recipes.recipe('mocov2'),
       # 'device': tf.data decodes and crops (uint8 to the devices), the jitted step does the
       # rest of the recipe (flip, jitter, grayscale, blur, normalisation); 'host': all in tf.data.
-      augment_on='device'))
+      augment_on='device',
+      # An unreadable image (corrupt, truncated, not an image): 'skip' it (counted in the log,
+      # TensorBoard and results.json, the first few named) or stop with 'error', naming it.
+      on_bad_image='skip'))
 
   # kNN monitor: off for ImageNet (a 1.28M x 2048 bank does not fit beside training); the CIFAR
   # and demo configs switch it on. Each pass measures both features (pooled backbone, head

@@ -21,6 +21,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from mocov2_jax import checkpoints, cli, knn, linear, loop, methods
+from mocov2_jax.data.bad_images import BadImages
 from mocov2_jax.models import resnet
 
 _DEFAULT_CONFIG = str(epath.Path(__file__).resolve().parent.parent / 'configs' / 'linear_eval.py')
@@ -62,19 +63,20 @@ def holdout_split(num, fraction, seed):
   return np.sort(perm[n:]), np.sort(perm[:n])
 
 
-def eval_batches(cfg, split):
+def eval_batches(cfg, split, bad=None):
   from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  ds = pipeline.eval_dataset(
+  batches = pipeline.eval_batches(
       cfg.data, split, local_batch_size=cfg.batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count())
-  return (dict(x=b['image'], label=b['label'], mask=b['mask']) for b in ds.as_numpy_iterator())
+      process_index=jax.process_index(), process_count=jax.process_count(), bad=bad)
+  return (dict(x=b['image'], label=b['label'], mask=b['mask']) for b in batches)
 
 
-def extract_features(cfg, features, frozen, split, batch_sharding):
+def extract_features(cfg, features, frozen, split, batch_sharding, bad=None):
   """Centre-crop (eval view) features and labels of every example of `split`, on every host."""
   put = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
   fn = jax.jit(features, in_shardings=(None, batch_sharding), out_shardings=batch_sharding)
-  batches = (dict(image=b['x'], label=b['label'], mask=b['mask']) for b in eval_batches(cfg, split))
+  batches = (dict(image=b['x'], label=b['label'], mask=b['mask'])
+             for b in eval_batches(cfg, split, bad))
   return knn.extract(fn, frozen, batches, put)
 
 
@@ -122,11 +124,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir, overridden=(), checked=
   logging.info('Backbone %s (width %d, cifar_stem %s) from %s; %s.', cfg.model.arch,
                cfg.model.width, cfg.model.cifar_stem, step_dir,
                linear.FAST_NOTE if cfg.fast else 'protocol')
-  holdout = 0
+  holdout, bad = 0, BadImages()
   if cfg.fast:
     tick = time.time()
-    train_set = extract_features(cfg, features, frozen, cfg.data.train_split, batch_sharding)
-    eval_set = extract_features(cfg, features, frozen, cfg.data.eval_split, batch_sharding)
+    train_set = extract_features(cfg, features, frozen, cfg.data.train_split, batch_sharding, bad)
+    eval_set = extract_features(cfg, features, frozen, cfg.data.eval_split, batch_sharding, bad)
     logging.info('Extracted %d + %d centre-crop features in %.1f s.', len(train_set[1]),
                  len(eval_set[1]), time.time() - tick)
     exp, state, heads, holdout = fit_cached(cfg, workdir, train_set, eval_set, num_classes)
@@ -135,12 +137,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir, overridden=(), checked=
       stream = pipeline.train_batches(
           cfg.data, local_batch_size=cfg.batch_size // jax.process_count(),
           steps_per_epoch=steps_per_epoch, seed=cfg.seed, start_step=start,
-          process_index=jax.process_index(), process_count=jax.process_count(), num_views=1)
+          process_index=jax.process_index(), process_count=jax.process_count(), num_views=1,
+          bad=bad)
       return (dict(x=b['image'], label=b['label']) for b in stream)
     exp = linear.LinearExperiment(
         cfg, num_classes=num_classes, feature_dim=feature_dim, steps_per_epoch=steps_per_epoch,
         features=features, frozen=frozen, make_batches=make_batches,
-        eval_batches=lambda: eval_batches(cfg, cfg.data.eval_split))
+        eval_batches=lambda: eval_batches(cfg, cfg.data.eval_split, bad))
     state, run_results = loop.run(exp, workdir)
     heads = run_results.get('eval') or [
         dict(lr=lr, top1=float(a), top5=float(b)) for lr, a, b in
@@ -158,6 +161,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir, overridden=(), checked=
       mode='fast' if cfg.fast else 'protocol',
       note=linear.FAST_NOTE if cfg.fast else 'linear protocol (frozen backbone, crop + flip views)',
       backbone_unchanged=True, num_classes=num_classes, feature_dim=feature_dim,
+      bad_images=bad.count, bad_image_names=bad.names,
       config=json.loads(cfg.to_json_best_effort()))
   if jax.process_index() == 0:
     checkpoints.write_results(workdir, results)
@@ -168,10 +172,11 @@ def main(argv):
   del argv
   cli.start()
   fv = flags.FLAGS
+  config = fv.config
   overridden = tuple(config_flags.get_override_values(fv['config']))
   cli.checked(checkpoints.check_workdir, fv.workdir)
-  checked = cli.checked(linear.check, fv.config, overridden, fv.workdir)
-  r = evaluate(fv.config, fv.workdir, overridden, checked)
+  checked = cli.checked(linear.check, config, overridden, fv.workdir)
+  r = evaluate(config, fv.workdir, overridden, checked)
   print(f'Linear top-1 {r["top1"]:.2f}%  top-5 {r["top5"]:.2f}% (lr {r["lr"]:g}; the '
         f'protocol\'s lr {r["protocol_lr"]["lr"]:g}: {r["protocol_lr"]["top1"]:.2f}%) after '
         f'{r["step"]} steps on {r["checkpoint"]["path"]} -- {r["note"]}')

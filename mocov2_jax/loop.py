@@ -5,7 +5,7 @@ The loop owns the rest: the workdir (config, checkpoints, results), resume, clu 
 (progress with rate and ETA, profiling), evaluation on a schedule, metric writing, divergence
 checks, preemption (SIGTERM / SIGINT) and the final save.
 
-Exit codes of the programs (README, "Long runs"): 0 done, 2 bad input or config (nothing
+Exit codes of the programs (`cli`; README, "Long runs"): 0 done, 2 bad input or config (nothing
 written), 3 diverged (the latest checkpoint is the last good one), 75 preempted by SIGTERM and
 130 interrupted by SIGINT (a checkpoint of the current step was saved: run the same command
 to resume).
@@ -22,18 +22,10 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from mocov2_jax import checkpoints
+from mocov2_jax.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, Stop
 
-EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 3, 75, 130
 _EXIT_CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGINT: EXIT_INTERRUPTED}
 SIGNAL_SYNC_EVERY = 10   # steps between the hosts' agreement on a stop (several processes)
-
-
-class Stop(Exception):
-  """Ends a program with `code` after printing `message` (no traceback)."""
-
-  def __init__(self, message, code):
-    super().__init__(message)
-    self.code = code
 
 
 class Experiment:
@@ -58,6 +50,11 @@ class Experiment:
   def evaluate(self, state, step, results) -> dict:
     """{name: number} scalars to write ({} for none); may record more in `results` (what the
     loop keeps in results.json)."""
+    return {}
+
+  def summary(self) -> dict:
+    """What the run met beside its metrics (e.g. skipped images): numbers are written at each
+    log step, everything is kept in results.json."""
     return {}
 
   def first_batch_images(self, batch) -> dict:
@@ -181,6 +178,7 @@ def run(exp: Experiment, workdir):
           _check_finite(scalars, step)
           scalars = {k: float(v) for k, v in scalars.items()}
           scalars['epoch'] = step / exp.steps_per_epoch
+          scalars.update({k: v for k, v in exp.summary().items() if isinstance(v, (int, float))})
           writer.write_scalars(step, scalars)
           logging.info('step %d/%d  epoch %.2f  %s', step, exp.total_steps, scalars['epoch'],
                        '  '.join(f'{k} {v:.4g}' for k, v in scalars.items() if k != 'epoch'))
@@ -210,7 +208,7 @@ def run(exp: Experiment, workdir):
         pass   # none was
     mgr.close()
   writer.flush()
-  results.update(step=int(state.step), epochs=int(state.step) / exp.steps_per_epoch)
+  results.update(exp.summary(), step=int(state.step), epochs=int(state.step) / exp.steps_per_epoch)
   if lead:
     checkpoints.write_results(workdir, results)
   return state, results

@@ -1,5 +1,6 @@
 """Pre-training (MoCo or SimCLR) as an experiment of the one loop: checks, state, step, input,
 the kNN monitor."""
+import itertools
 import time
 
 import jax
@@ -8,6 +9,7 @@ import numpy as np
 from absl import logging
 
 from mocov2_jax import checkpoints, knn, loop, methods, optim
+from mocov2_jax.data.bad_images import BadImages
 
 # What shapes the train state or the method: a resumed run may not change these.
 FIXED_FIELDS = ('method', 'model.', 'moco.queue_size', 'moco.bn_groups', 'moco.symmetric',
@@ -87,19 +89,19 @@ class KnnMonitor:
   """kNN top-1 on the labelled eval split against the train split, for each feature of
   `knn.FEATURES` ({feature: top-1}; None for unlabelled data)."""
 
-  def __init__(self, config, model, batch_sharding):
-    self.config, self.sharding = config, batch_sharding
+  def __init__(self, config, model, batch_sharding, bad):
+    self.config, self.sharding, self.bad = config, batch_sharding, bad
     self.features = knn.make_feature_fn(model, batch_sharding)
 
   def _split(self, variables, split, limit=0):
     from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-    ds = pipeline.eval_dataset(
+    batches = pipeline.eval_batches(
         self.config.data, split, local_batch_size=self.config.batch_size // jax.process_count(),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(), bad=self.bad)
     if limit:
-      ds = ds.take(-(-limit // self.config.batch_size))
+      batches = itertools.islice(batches, -(-limit // self.config.batch_size))
     put = lambda x: jax.make_array_from_process_local_data(self.sharding, x)
-    return knn.extract(self.features, variables, ds.as_numpy_iterator(), put)
+    return knn.extract(self.features, variables, batches, put)
 
   def __call__(self, state):
     cfg = self.config
@@ -125,8 +127,10 @@ class Pretraining(loop.Experiment):
     self.model = methods.create_model(config)
     self.lr = optim.schedule(config.optim, config.batch_size, steps_per_epoch, config.num_epochs)
     self.train_step = methods.jit_train_step(config, self.lr, self.repl, self.batch_sharding)
+    self.bad = BadImages()
     every = config.knn.every_epochs
-    self.monitor = KnnMonitor(config, self.model, self.batch_sharding) if every > 0 else None
+    self.monitor = (KnnMonitor(config, self.model, self.batch_sharding, self.bad) if every > 0
+                    else None)
     self.since = time.time()   # wall time since the last kNN pass ended (the epoch's time)
 
   def init_state(self):
@@ -145,7 +149,7 @@ class Pretraining(loop.Experiment):
         cfg.data, local_batch_size=cfg.batch_size // jax.process_count(),
         steps_per_epoch=self.steps_per_epoch, seed=cfg.seed, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        crops_only=methods.is_device_augmented(cfg))
+        crops_only=methods.is_device_augmented(cfg), bad=self.bad)
     views = ({'view1': b['view1'], 'view2': b['view2']} for b in stream)
     return loop.prefetch(views, self.batch_sharding)
 
@@ -173,6 +177,9 @@ class Pretraining(loop.Experiment):
     logging.info('kNN top-1 at step %d (epoch %.2f): %.2f%% (%s; %s)', step, epoch, accs[feature],
                  feature, ', '.join(f'{f} {a:.2f}%' for f, a in accs.items()))
     return {'knn_top1': accs[feature], **{f'knn_top1_{f}': a for f, a in accs.items()}}
+
+  def summary(self):
+    return dict(bad_images=self.bad.count, bad_image_names=list(self.bad.names))
 
   def first_batch_images(self, batch):
     n = self.config.num_summary_pairs

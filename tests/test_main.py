@@ -88,7 +88,8 @@ def test_two_processes_train_one_global_batch(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
   cmd = ['bash', 'launch/local_processes.sh', '2', f'--config={REPO}/configs/demo.py',
-         f'--workdir={tmp_path}', *TINY, '--config.num_train_steps=2', '--config.knn.every_epochs=0']
+         f'--workdir={tmp_path}', *TINY, '--config.num_train_steps=2',
+         '--config.knn.every_epochs=0']
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert '2 processes, 2 devices' in result.stderr

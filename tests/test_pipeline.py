@@ -3,13 +3,15 @@
 Shard tests use images of one flat colour whose red value is the example's id: with the colour ops
 switched off, every view of such an image is that colour, so the id survives augmentation.
 """
+import itertools
+
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from mocov2_jax import cli
 from mocov2_jax.data import pipeline, recipes, sources
 
 
@@ -17,6 +19,7 @@ def config(**overrides):
   cfg = ml_collections.ConfigDict(dict(
       source='synthetic', name='cifar10', data_dir=None, manual_dir=None, folder=None,
       train_split='train', eval_split='test', image_size=16, eval_crop_frac=1.0,
+      on_bad_image='skip',
       shuffle_buffer=64, num_train=40, num_eval=10, synthetic_seed=0,
       augment=recipes.recipe('cifar')))
   cfg.update(overrides)
@@ -38,14 +41,19 @@ def take(ds, n):
   return [{k: v.numpy() for k, v in batch.items()} for batch in ds.take(n)]
 
 
+def evals(cfg, split, n, **kwargs):
+  """The first `n` eval batches (dict(image, label, mask))."""
+  return list(itertools.islice(pipeline.eval_batches(cfg, split, **kwargs), n))
+
+
 def train_take(cfg, n, *, local_batch_size, seed, start_step=0, process_index=0,
-               process_count=1, steps=None):
+               process_count=1, steps=None, bad=None):
   """The first `n` training batches of one process from `start_step` on."""
   steps = steps or pipeline.num_examples(cfg, cfg.train_split) // (local_batch_size *
                                                                     process_count)
   it = pipeline.train_batches(cfg, local_batch_size=local_batch_size, steps_per_epoch=steps,
                               seed=seed, start_step=start_step, process_index=process_index,
-                              process_count=process_count)
+                              process_count=process_count, bad=bad)
   return [next(it) for _ in range(n)]
 
 
@@ -105,8 +113,7 @@ def test_folder_shards_are_disjoint_and_cover(tmp_path, labelled):
     np.testing.assert_array_equal(labels, [i % 3 if labelled else -1 for i in got])
     seen.append(got)
     n = 7 - p                                 # the eval shard: files[p::2] of 13
-    ev = take(pipeline.eval_dataset(cfg, 'train', local_batch_size=4, process_index=p,
-                                    process_count=2), 10)
+    ev = evals(cfg, 'train', 10, local_batch_size=4, process_index=p, process_count=2)
     assert len(ev) == 2 and ev[0]['image'].shape == (4, 16, 16, 3)   # same count on both
     mask = np.concatenate([b['mask'] for b in ev])
     assert mask.sum() == n
@@ -134,10 +141,8 @@ def test_eval_padding(process_count, masks):
   cfg = config(num_eval=10)
   got = []
   for p in range(process_count):
-    ev = take(pipeline.eval_dataset(cfg, 'test', local_batch_size=4, process_index=p,
-                                    process_count=process_count), 10)
-    again = take(pipeline.eval_dataset(cfg, 'test', local_batch_size=4, process_index=p,
-                                       process_count=process_count), 10)
+    ev = evals(cfg, 'test', 10, local_batch_size=4, process_index=p, process_count=process_count)
+    again = evals(cfg, 'test', 10, local_batch_size=4, process_index=p, process_count=process_count)
     for x, y in zip(ev, again):
       for key in x:
         np.testing.assert_array_equal(x[key], y[key])
@@ -201,8 +206,7 @@ def test_tfds_shards_are_disjoint_and_cover(tfds_dir):
     got = ids(np.concatenate([b['view1'] for b in batches]))
     assert len(set(got)) == 5
     seen.append(set(got))
-    ev = take(pipeline.eval_dataset(cfg, 'train', local_batch_size=4, process_index=p,
-                                    process_count=2), 10)
+    ev = evals(cfg, 'train', 10, local_batch_size=4, process_index=p, process_count=2)
     mask = np.concatenate([b['mask'] for b in ev])
     assert len(ev) == 2 and mask.sum() in (5, 6)
     seen_eval.append(set(np.array(ids(np.concatenate([b['image'] for b in ev])))[mask == 1]))
@@ -251,10 +255,68 @@ def test_folder_labels_follow_the_train_classes(tmp_path):
       Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / split / c / 'x.png')
   cfg = config(source='folder', folder=str(tmp_path))
   assert pipeline.num_classes(cfg) == 3
-  batch = take(pipeline.eval_dataset(cfg, 'test', local_batch_size=2), 1)[0]
+  batch = evals(cfg, 'test', 1, local_batch_size=2)[0]
   assert sorted(batch['label'].tolist()) == [1, 2]
   (tmp_path / 'test' / 'd').mkdir()
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'test' / 'd' / 'y.png')
   sources._list_images.cache_clear()
   with pytest.raises(ValueError, match=r"classes the train split lacks: \['d'\]"):
     pipeline.check_data(cfg)
+
+
+# ---- unreadable and odd images ----
+def write_odd_and_bad(root):
+  """Readable oddities (all must load as RGB) and unreadable files, in one class folder."""
+  d = root / 'train' / 'a'
+  d.mkdir(parents=True)
+  for i in range(20):
+    Image.new('RGB', (12, 10), (i, 50, 50)).save(d / f'ok{i:02d}.png')
+  Image.new('L', (9, 9), 77).save(d / 'gray.png')
+  Image.new('CMYK', (9, 9), (10, 20, 30, 40)).save(d / 'cmyk.jpg')
+  Image.new('RGBA', (9, 9), (1, 2, 3, 4)).save(d / 'rgba.png')
+  Image.fromarray(np.full((9, 9), 40000, np.uint16)).save(d / 'deep16.png')
+  Image.new('RGB', (1, 1), (5, 5, 5)).save(d / 'one_pixel.png')
+  Image.new('RGB', (9, 9), (6, 6, 6)).save(d / 'png_named.jpg', format='PNG')
+  Image.new('RGB', (9, 9), (7, 7, 7)).save(d / 'UPPER.JPG')
+  good = io_bytes(Image.new('RGB', (40, 40), (9, 9, 9)))
+  bad = {'truncated.jpg': good[:len(good) // 2], 'empty.jpg': b'',
+         'text.jpg': b'this is not an image'}
+  for name, data in bad.items():
+    (d / name).write_bytes(data)
+  return sorted(bad)
+
+
+def io_bytes(image):
+  import io  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  image.save(buffer, format='JPEG', quality=90)
+  return buffer.getvalue()
+
+
+def test_unreadable_images_are_skipped_counted_and_named(tmp_path):
+  bad_names = write_odd_and_bad(tmp_path)
+  cfg = config(source='folder', folder=str(tmp_path), eval_split='train')
+  files = sources._list_images(str(tmp_path / 'train'), ('a',))[0]
+  assert len(files) == 30 and any(f.endswith('UPPER.JPG') for f in files)
+  bad = pipeline.BadImages()
+  ev = evals(cfg, 'train', 10, local_batch_size=8, bad=bad)
+  assert len(ev) == 4 and sum(int(b['mask'].sum()) for b in ev) == 27   # 30 - 3 unreadable
+  assert bad.count == 3 and sorted(n.split('/')[-1] for n in bad.names) == bad_names
+  for b in ev:
+    assert b['image'].shape == (8, 16, 16, 3) and np.isfinite(b['image']).all()
+  bad = pipeline.BadImages()
+  batches = train_take(cfg, 6, local_batch_size=8, seed=0, bad=bad)   # 2 epochs of 3 steps
+  assert all(b['view1'].shape == (8, 16, 16, 3) for b in batches)
+  assert bad.count >= 1 and {n.split('/')[-1] for n in bad.names} <= set(bad_names)
+
+
+def test_unreadable_image_in_error_mode_stops_naming_it(tmp_path):
+  bad_names = write_odd_and_bad(tmp_path)
+  cfg = config(source='folder', folder=str(tmp_path), eval_split='train', on_bad_image='error')
+  with pytest.raises(cli.Stop, match='|'.join(bad_names)) as e:
+    evals(cfg, 'train', 10, local_batch_size=8)
+  assert e.value.code == cli.EXIT_BAD_INPUT and 'on_bad_image=skip' in str(e.value)
+  with pytest.raises(cli.Stop, match='|'.join(bad_names)):
+    train_take(cfg, 4, local_batch_size=8, seed=0)
+  with pytest.raises(ValueError, match='on_bad_image'):
+    pipeline.check_data(config(on_bad_image='ignore'))

@@ -1,9 +1,10 @@
 """Where examples come from: one DataSource class per kind, behind `get(cfg)`.
 
 A source knows its splits, sizes and labels, checks itself before any long work, and gives one
-process's shard of a split as records {'image': encoded bytes or uint8 pixels, 'label': int32,
-'name': str} in an order fixed by a seed (None: the split's own order), with the function that
-decodes 'image' to uint8 [H, W, 3]. Everything else (views, batches, epochs) is the pipeline's.
+process's shard of a split as records {'image': encoded bytes, a path or uint8 pixels, 'label':
+int32} in an order fixed by a seed (None: the split's own order), the function that decodes
+'image' to uint8 [H, W, 3], and the records' names (for messages about an unreadable one).
+Everything else (views, batches, epochs) is the pipeline's.
 """
 import functools
 
@@ -47,6 +48,11 @@ class DataSource:
   def decode(self, image):
     return decode(image)
 
+  def names(self, split, process_index=0, process_count=1, seed=None):
+    """What record i of `records(...)` is, for messages about an unreadable one (None: not
+    known before reading, e.g. behind a shuffle buffer)."""
+    return None
+
 
 
 class _Indexed(DataSource):
@@ -59,14 +65,21 @@ class _Indexed(DataSource):
   def num_examples(self, split):
     return len(self._arrays(split)[1])
 
-  def records(self, split, process_index=0, process_count=1, seed=None):
-    images, labels = self._arrays(split)
-    order = np.arange(len(labels))
+  def _order(self, split, process_index, process_count, seed):
+    order = np.arange(self.num_examples(split))
     if seed is not None:
       order = np.random.default_rng(seed).permutation(order)
-    order = order[process_index::process_count]
-    return tf.data.Dataset.from_tensor_slices(dict(
-        image=np.asarray(images)[order], label=labels[order], name=self._names(images, order)))
+    return order[process_index::process_count]
+
+  def records(self, split, process_index=0, process_count=1, seed=None):
+    images, labels = self._arrays(split)
+    order = self._order(split, process_index, process_count, seed)
+    return tf.data.Dataset.from_tensor_slices(dict(image=np.asarray(images)[order],
+                                                   label=labels[order]))
+
+  def names(self, split, process_index=0, process_count=1, seed=None):
+    return self._names(self._arrays(split)[0],
+                       self._order(split, process_index, process_count, seed))
 
   def _names(self, images, order):
     return np.asarray(images)[order]   # file paths
@@ -94,7 +107,7 @@ class Synthetic(_Indexed):
     return image
 
   def _names(self, images, order):
-    return order.astype(str)
+    return np.char.add('generated example ', order.astype(str))
 
 
 @functools.lru_cache(maxsize=4)
@@ -217,9 +230,8 @@ class Tfds(DataSource):
         split=split, shuffle_files=seed is not None,
         decoders={'image': tfds.decode.SkipDecoding()},   # decode after the shuffle buffer
         read_config=tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True))
-    ds = ds.enumerate().map(lambda i, ex: dict(
-        image=ex['image'], label=tf.cast(ex.get('label', -1), tf.int32),
-        name=tf.strings.as_string(i)))
+    ds = ds.map(lambda ex: dict(image=ex['image'],
+                                label=tf.cast(ex.get('label', -1), tf.int32)))
     if seed is not None:
       ds = ds.shuffle(self.cfg.shuffle_buffer, seed=seed)
     return ds
