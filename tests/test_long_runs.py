@@ -1,0 +1,162 @@
+"""Long runs survive: preemption, divergence, changed configs on resume, exact resume, clear
+errors, launch scripts. Programs run as real subprocesses where signals and exit codes matter."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mocov2_jax import checkpoints, cli, linear, train
+from tests.helpers import REPO, run_cli
+
+TINY = {'batch_size': 32, 'num_epochs': 2, 'model.width': 4, 'moco.queue_size': 128,
+        'moco.bn_groups': 4, 'data.num_train': 128, 'data.num_eval': 64, 'data.image_size': 16,
+        'knn.every_epochs': 0, 'num_summary_pairs': 0, 'log_every_steps': 1,
+        'checkpoint_every_steps': 2}
+FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()]
+
+
+def demo_config(**changes):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.update_from_flattened_dict({**TINY, **changes})
+  return c
+
+
+def main_cmd(workdir, *flags):
+  return [sys.executable, '-m', 'mocov2_jax.main', f'--config={REPO}/configs/demo.py',
+          f'--workdir={workdir}', *FLAGS, *flags]
+
+
+def all_finite(step_dir):
+  raw = checkpoints.restore_raw(step_dir)
+  leaves = [np.asarray(x) for x in jax_leaves(raw)]
+  return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.leaves(tree)
+
+
+@pytest.mark.parametrize('signum, code', [(signal.SIGTERM, cli.EXIT_PREEMPTED),
+                                          (signal.SIGINT, cli.EXIT_INTERRUPTED)])
+def test_a_signal_saves_the_current_step_and_the_same_command_resumes(tmp_path, signum, code):
+  cmd = main_cmd(tmp_path, '--config.num_epochs=50')   # 200 steps: far more than it will run
+  proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stderr:   # wait until it trains, then signal it twice (the 2nd mid-save)
+    lines.append(line)
+    if 'step 3/200' in line:
+      proc.send_signal(signum)
+      proc.send_signal(signum)
+      break
+  rest = proc.stderr.read()
+  assert proc.wait(timeout=300) == code, rest[-3000:]
+  stop = [l for l in rest.splitlines() if 'preempted at step' in l]
+  assert len(stop) == 1 and 'Traceback' not in rest, rest[-3000:]
+  step = int(stop[0].split('preempted at step ')[1].split(':')[0])
+  assert step >= 3 and f'checkpoints/{step}; run the same command to resume' in stop[0]
+  assert checkpoints.manager(tmp_path, 3).latest_step() == step and all_finite(
+      tmp_path / 'checkpoints' / str(step))
+  again = subprocess.run(main_cmd(tmp_path, f'--config.num_train_steps={step + 1}'), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f'at step {step}.' in again.stderr and f'step {step + 1}/' in again.stderr
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
+  result = subprocess.run(main_cmd(tmp_path, '--config.optim.base_lr=1e20',   # tiny: needs more
+                                   '--config.checkpoint_every_steps=1'),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == cli.EXIT_DIVERGED, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert 'diverged at step' in last and ('loss' in last or 'parameter' in last), last
+  assert 'Traceback' not in result.stderr
+  saved = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints')) if (
+      tmp_path / 'checkpoints').exists() else []
+  diverged = int(last.split('diverged at step ')[1].split(':')[0])
+  assert all(s < diverged for s in saved)
+  assert saved and all(all_finite(tmp_path / 'checkpoints' / str(s)) for s in saved)
+
+
+def test_resume_refuses_a_changed_model_and_keeps_the_old_config_on_other_changes(tmp_path):
+  train.train_and_evaluate(demo_config(num_train_steps=2), str(tmp_path))
+  saved = (tmp_path / 'config.json').read_text()
+  with pytest.raises(ValueError, match=r'model.width \(saved 4, now 8\)'):
+    train.check(demo_config(**{'model.width': 8, 'moco.queue_size': 256}), str(tmp_path))
+  with pytest.raises(ValueError, match=r'moco.queue_size \(saved 128, now 256\)'):
+    train.check(demo_config(**{'moco.queue_size': 256}), str(tmp_path))
+  assert (tmp_path / 'config.json').read_text() == saved
+  refused = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={tmp_path}', *FLAGS,
+                    '--config.model.width=8', code=cli.EXIT_BAD_INPUT)
+  assert 'model.width (saved 4, now 8)' in refused.stderr and 'Traceback' not in refused.stderr
+  assert (tmp_path / 'config.json').read_text() == saved
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+  # Other changes are accepted (check returns the steps per epoch).
+  assert train.check(demo_config(**{'optim.base_lr': 0.1, 'num_train_steps': 3}),
+                     str(tmp_path)) == 4
+  train.train_and_evaluate(demo_config(**{'optim.base_lr': 0.1, 'num_train_steps': 3}),
+                           str(tmp_path))
+  assert json.loads((tmp_path / 'config.1.json').read_text())['optim']['base_lr'] == 0.06
+  assert json.loads((tmp_path / 'config.json').read_text())['optim']['base_lr'] == 0.1
+
+
+@pytest.mark.parametrize('augment_on', ['device', 'host'])
+def test_a_resumed_run_is_bitwise_the_run_that_never_stopped(tmp_path, augment_on):
+  """Stop after 3 steps (mid-epoch), resume to the end (8 steps, 2 epochs), compare leaves."""
+  cfg = lambda **c: demo_config(**{'data.augment_on': augment_on, **c})
+  train.train_and_evaluate(cfg(), str(tmp_path / 'whole'))
+  train.train_and_evaluate(cfg(num_train_steps=3), str(tmp_path / 'parts'))
+  assert checkpoints.manager(tmp_path / 'parts', 3).latest_step() == 3
+  train.train_and_evaluate(cfg(), str(tmp_path / 'parts'))
+  whole, parts = (checkpoints.restore_raw(tmp_path / w / 'checkpoints' / '8')
+                  for w in ('whole', 'parts'))
+  assert int(whole['step']) == int(parts['step']) == 8
+  for field in ('params', 'batch_stats', 'key_params', 'key_batch_stats', 'queue', 'queue_ptr',
+                'opt_state', 'rng'):
+    a, b = jax_leaves(whole[field]), jax_leaves(parts[field])
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=field)
+
+
+def test_clear_errors_before_anything_is_written(tmp_path, monkeypatch):
+  config = f'--config={REPO}/configs/demo.py'
+  for flags, message in [
+      ((config, '--config.batch_size=0'), 'batch_size=0 is not a positive multiple'),
+      ((config, '--config.num_epochs=0'), 'num_epochs=0: set --config.num_epochs to 1'),
+      (('--config=configs/no_such_config.py',), 'no_such_config.py: no such file'),
+      ((config, '--config.data.on_bad_image=maybe'), 'data.on_bad_image'),
+  ]:
+    workdir = tmp_path / 'w'
+    result = run_cli('main', *flags, f'--workdir={workdir}', code=cli.EXIT_BAD_INPUT)
+    last = result.stderr.strip().splitlines()[-1]
+    assert message in last and 'Traceback' not in result.stderr and '--helpfull' not in last
+    assert not workdir.exists()
+  (tmp_path / 'a_file').write_text('')
+  result = run_cli('main', config, f'--workdir={tmp_path / "a_file"}', code=cli.EXIT_BAD_INPUT)
+  assert 'is a file, not a folder' in result.stderr
+  monkeypatch.setattr(checkpoints.os, 'access', lambda *_: False)   # root ignores chmod
+  with pytest.raises(ValueError, match='is not writable'):
+    checkpoints.check_workdir(tmp_path / 'new' / 'run')
+  # A garbage checkpoint given to linear eval: its message, not an orbax traceback.
+  (tmp_path / 'junk' / 'checkpoints' / '5' / 'default').mkdir(parents=True)
+  (tmp_path / 'junk' / 'checkpoints' / '5' / 'default' / 'x').write_text('junk')
+  from configs import linear_eval_cifar10  # pylint: disable=g-import-not-at-top
+  c = linear_eval_cifar10.get_config()
+  c.pretrained = str(tmp_path / 'junk')
+  with pytest.raises(ValueError, match='not a readable checkpoint'):
+    linear.check(c)
+
+
+def test_launch_scripts_are_valid_bash():
+  for name in ('slurm.sbatch', 'tpu_pod.sh', 'local_processes.sh'):
+    path = os.path.join(REPO, 'launch', name)
+    assert subprocess.run(['bash', '-n', path]).returncode == 0, name
+  slurm = open(os.path.join(REPO, 'launch', 'slurm.sbatch')).read()
+  assert '#SBATCH --signal=TERM@' in slurm and '#SBATCH --requeue' in slurm
+  assert '--ntasks-per-node=1' in slurm and 'scontrol requeue' in slurm
