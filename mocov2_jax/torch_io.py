@@ -17,14 +17,18 @@ FORMATS = ('torchvision', 'moco', 'detectron2', 'safetensors')
 _INSTALL = "pip install -e '.[torch]'"
 
 
-def _epoch(config, step):
-  """Completed epochs, where the config says how many examples an epoch has (else 0)."""
-  if config is None:
-    return 0
+def _steps_per_epoch(config):
+  """Where the config says how many examples an epoch has (else 0)."""
   n = config.data.num_train
   if not n and config.data.name == 'imagenet2012' and config.data.train_split == 'train':
     n = defaults.IMAGENET_EXAMPLES
-  return step // max(n // config.batch_size, 1) if n else 0
+  return max(n // config.batch_size, 1) if n else 0
+
+
+def _epoch(config, step):
+  """Completed epochs, where the config says how many examples an epoch has (else 0)."""
+  spe = 0 if config is None else _steps_per_epoch(config)
+  return step // spe if spe else 0
 
 
 def export(checkpoint, fmt, out) -> str:
@@ -64,8 +68,34 @@ def export(checkpoint, fmt, out) -> str:
                names.state_dict(raw['key_params'], raw['key_batch_stats'], step).items()})
     sd['module.queue'] = np.asarray(raw['queue']).T  # the reference's buffer is [dim, K]
     sd['module.queue_ptr'] = np.asarray(raw['queue_ptr'], np.int64).reshape(1)
-    _torch_save(sd, out, epoch=_epoch(config, step), arch=found['arch'])
+    meta = dict(epoch=_epoch(config, step), arch=found['arch'])
+    if config is not None and config.optim.optimizer == 'sgd':
+      meta['optimizer'] = _torch_sgd_state(raw, config, step)
+    _torch_save(sd, out, **meta)
   return f'{fmt}: {step_dir} (step {step}, {found}) -> {out}'
+
+
+def _momentum(raw_opt_state):
+  """The SGD momentum buffers of `optim.sgd`'s state: chain(decay, chain(trace, lr))."""
+  return raw_opt_state[1][0]['trace']
+
+
+def _torch_sgd_state(raw, config, step):
+  """torch.optim.SGD(model.parameters()).state_dict() of the reference's MoCo: parameters in
+  registration order, the query encoder's then the key encoder's (which get no gradient, hence
+  no state); the momentum buffers in PyTorch's layout (its buffer holds g + wd * p, as optax's
+  trace does)."""
+  torch = _import_torch()
+  buffers = {names.torch_name(p): torch.from_numpy(np.array(names.to_torch(p, x)))
+             for p, x in names.flatten(_momentum(raw['opt_state'])).items()}
+  order = names.parameter_names(raw['params'])
+  spe = _steps_per_epoch(config)
+  lr = optim.schedule(config.optim, config.batch_size, spe or 1, config.num_epochs)(step)
+  group = dict(lr=float(lr), momentum=config.optim.momentum, dampening=0,
+               weight_decay=config.optim.weight_decay, nesterov=False, maximize=False,
+               foreach=None, differentiable=False, fused=None, params=list(range(2 * len(order))))
+  state = {i: {'momentum_buffer': buffers[n]} for i, n in enumerate(order)}
+  return dict(state=state, param_groups=[group])
 
 
 def _import_torch():
@@ -88,6 +118,11 @@ def _torch_save(sd, out, **meta):
 
 def read_weights(path) -> dict:
   """{name: numpy array} of a .safetensors file or a .pth (a state_dict or {'state_dict': ...})."""
+  return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path):
+  """({name: numpy array}, the file's other entries such as 'epoch' and 'optimizer')."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist')
@@ -95,7 +130,7 @@ def read_weights(path) -> dict:
   if path.name.endswith('.safetensors'):
     from safetensors.numpy import load  # pylint: disable=g-import-not-at-top
     try:
-      return load(data)
+      return load(data), {}
     except Exception as e:  # pylint: disable=broad-except  (safetensors raises its own types)
       raise ValueError(f'{path} is not a readable safetensors file ({e})') from e
   torch = _import_torch()
@@ -106,18 +141,20 @@ def read_weights(path) -> dict:
                      'pass a state_dict file written by torch.save, not a pickled model') from e
   if not isinstance(obj, dict):
     raise ValueError(f'{path} holds a {type(obj).__name__}, not a state_dict')
+  extras = {k: v for k, v in obj.items() if k != 'state_dict'} if 'state_dict' in obj else {}
   obj = obj.get('state_dict', obj)
   return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in obj.items()
-          if isinstance(v, torch.Tensor)}
+          if isinstance(v, torch.Tensor)}, extras
 
 
-def build_state(config, query, key=None, queue=None, queue_ptr=0):
+def build_state(config, query, key=None, queue=None, queue_ptr=0, momentum=None, step=0):
   """The TrainState `methods.create_train_state` makes, with the imported arrays in it.
 
   `query`/`key`: {torchvision name: array} of the query and key encoders (key None: a copy of the
   query, as at init). A head not in `query`, the queue (if None), the optimizer state and the rng
-  are fresh. Built without running a full random init (slow to compile on CPU), then checked leaf
-  by leaf against its tree, so the pre-training program resumes from it.
+  are fresh, or `momentum` ({torchvision name: buffer}, PyTorch SGD's) and `step` continue a run.
+  Built without running a full random init (slow to compile on CPU), then checked leaf by leaf
+  against its tree, so the pre-training program resumes from it.
   """
   model = methods.create_model(config)
   lr = optim.schedule(config.optim, config.batch_size, 1, config.num_epochs)
@@ -141,12 +178,29 @@ def build_state(config, query, key=None, queue=None, queue_ptr=0):
       apply_fn=model.apply, params=arrays[0], tx=optim.create(config.optim, lr),
       batch_stats=arrays[1], key_params=arrays[2], key_batch_stats=arrays[3], queue=arrays[4],
       queue_ptr=jnp.asarray(queue_ptr, jnp.int32), rng=step_rng)
-  state = jax.device_put(state)  # as the loop: every leaf an array (step too)
+  if momentum is not None:
+    trace, _ = names.variables(momentum, params, {})
+    decay, (sgd, lr_state) = state.opt_state
+    state = state.replace(opt_state=(decay, (sgd._replace(trace=jax.tree.map(
+        jnp.asarray, trace)), lr_state)))
+  state = jax.device_put(state.replace(step=step))  # as the loop: every leaf an array
   shapes = lambda t: [(jax.tree_util.keystr(p), x.shape, x.dtype)
                       for p, x in jax.tree_util.tree_flatten_with_path(t)[0]]
   if shapes(state) != shapes(like):
     raise RuntimeError('imported state does not match methods.create_train_state: please report')
   return state
+
+
+def _momentum_from_torch(optimizer, query):
+  """{torchvision name: momentum buffer} of the query encoder from SGD's state_dict."""
+  order = sorted((k for k in query if not k.endswith(('running_mean', 'running_var',
+                                                      'num_batches_tracked'))),
+                 key=names.parameter_order)
+  state = optimizer.get('state', {})
+  if any(i not in state or 'momentum_buffer' not in state[i] for i in range(len(order))):
+    raise ValueError('the optimizer state has no momentum buffer for every query parameter: '
+                     'not torch.optim.SGD with momentum of the reference MoCo')
+  return {n: state[i]['momentum_buffer'].float().numpy() for i, n in enumerate(order)}
 
 
 def import_weights(fmt, path, out, config=None, arch=None, width=None, cifar_stem=None):
@@ -157,9 +211,9 @@ def import_weights(fmt, path, out, config=None, arch=None, width=None, cifar_ste
   """
   if fmt not in ('torchvision', 'moco'):
     raise ValueError(f"unknown --from {fmt!r}: choose 'torchvision' or 'moco'")
-  sd = {k[len('module.'):] if k.startswith('module.') else k: v
-        for k, v in read_weights(path).items()}
-  queue = ptr = key = None
+  weights, extras = read_checkpoint(path)
+  sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in weights.items()}
+  queue = ptr = key = momentum = None
   if fmt == 'moco':
     part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
     query, key = part('encoder_q.'), part('encoder_k.') or None
@@ -186,7 +240,11 @@ def import_weights(fmt, path, out, config=None, arch=None, width=None, cifar_ste
   ckdir = checkpoints.path(out) / 'checkpoints'
   if ckdir.is_dir() and any(ckdir.iterdir()):
     raise ValueError(f'{ckdir} is not empty: import into a new workdir')
-  state = build_state(config, query, key, queue, ptr or 0)
+  step = 0
+  if fmt == 'moco' and 'optimizer' in extras:   # continue the run: momentum, step
+    momentum = _momentum_from_torch(extras['optimizer'], query)
+    step = int(extras.get('epoch', 0)) * _steps_per_epoch(config)
+  state = build_state(config, query, key, queue, ptr or 0, momentum, step)
   checkpoints.path(out).mkdir(parents=True, exist_ok=True)
   checkpoints.write_config(config, out)
   with checkpoints.manager(out, keep=1) as mgr:

@@ -129,3 +129,22 @@ def check_model(found, wanted, source, by):
     have = ', '.join(f'{k}={v}' for k, v in found.items())
     raise ValueError(f'{source} holds a model with {have}, but {by} says '
                      + ', '.join(f'{k}={wanted[k]}' for k in diff))
+
+
+_ORDER = {'conv1': 0, 'bn1': 1, 'conv2': 2, 'bn2': 3, 'conv3': 4, 'bn3': 5, 'downsample': 6,
+          'fc': 0, 'weight': 0, 'bias': 1}
+
+
+def parameter_order(name: str):
+  """Sort key of a torchvision parameter name in registration order: the order of
+  `model.parameters()`, which a PyTorch optimizer's state is indexed by."""
+  parts = name.split('.')
+  group = 1 if parts[0].startswith('layer') else 2 if parts[0] == 'fc' else 0
+  key = [int(p[len('layer'):]) if p.startswith('layer') else int(p) if p.isdigit() else _ORDER[p]
+         for p in parts]
+  return (group, *key)
+
+
+def parameter_names(params) -> list:
+  """The torchvision names of a Flax params tree (no BN buffers), in `parameter_order`."""
+  return sorted((torch_name(p) for p in flatten(params)), key=parameter_order)

@@ -13,10 +13,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import optax
 import torch
 from safetensors.numpy import load_file
 
 from mocov2_jax import defaults, methods, optim, torch_io
+from mocov2_jax import torch_names as names
 from tests.helpers import run_cli
 from tests.torch_resnet import TorchResNet, torch_forward
 
@@ -216,14 +218,14 @@ def test_demo_torchvision_variant_exports_a_stock_resnet18(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Import: bit-exact round trips that the pre-training program resumes from
 
-def restore_like_train_py(workdir, config):
+def restore_like_train_py(workdir, config, step=0):
   """train.py's resume: the latest step, restored into create_train_state's tree."""
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                           abstract_state(config))
   with ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints'))) as mgr:
-    assert mgr.latest_step() == 0
-    return mgr.restore(0, args=ocp.args.StandardRestore(abstract))
+    assert mgr.latest_step() == step
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def assert_trees_equal(a, b):
@@ -337,3 +339,59 @@ def test_without_torch_safetensors_still_works(tiny, tmp_path, monkeypatch):
       state.params['backbone']['layer1_0']['conv1']['kernel']).transpose(3, 2, 0, 1))
   torch_io.import_weights('torchvision', out, str(tmp_path / 'wd'), config=make_config())
   assert os.listdir(tmp_path / 'wd' / 'checkpoints') == ['0']
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-framework resume: the SGD state travels with the moco file
+
+def test_moco_file_continues_in_pytorch_sgd_and_back(tiny, tmp_path):
+  """One SGD step in PyTorch from the exported file (the reference's main_moco.py --resume
+  path) equals the same step of this project's optimizer from the checkpoint; re-importing the
+  file continues the momentum and the step."""
+  del tiny
+  config = make_config()
+  state = random_state(config, seed=3, step=17)   # 2 epochs of 8 steps and one more
+  rng = np.random.default_rng(4)
+  decay, (trace, lr_state) = state.opt_state
+  trace = trace._replace(trace=jax.tree.map(
+      lambda p: rng.normal(size=p.shape).astype(np.float32), trace.trace))
+  state = state.replace(opt_state=(decay, (trace, lr_state)))
+  workdir = save_workdir(tmp_path / 'wd', config, state, steps=(17,))
+  torch_io.export(workdir, 'moco', str(tmp_path / 'm.pth.tar'))
+  ckpt = torch.load(tmp_path / 'm.pth.tar', weights_only=True)
+  assert ckpt['epoch'] == 2 and len(ckpt['optimizer']['param_groups']) == 1
+
+  class MoCo(torch.nn.Module):   # builder.py's parameter registration: encoder_q, encoder_k
+    def __init__(self):
+      super().__init__()
+      make = lambda: TorchResNet('resnet18', 8, cifar_stem=True, fc='mlp', dim=16)
+      self.encoder_q, self.encoder_k = make(), make()
+      self.register_buffer('queue', torch.zeros(16, 64))
+      self.register_buffer('queue_ptr', torch.zeros(1, dtype=torch.long))
+
+  model = MoCo()
+  model.load_state_dict({k[len('module.'):]: v for k, v in ckpt['state_dict'].items()})
+  lr, wd, mu = 0.05, config.optim.weight_decay, config.optim.momentum
+  opt = torch.optim.SGD(model.parameters(), lr, momentum=mu, weight_decay=wd)
+  opt.load_state_dict(ckpt['optimizer'])
+  for g in opt.param_groups:
+    g['lr'] = lr
+  grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), state.params)
+  named = {names.torch_name(p): names.to_torch(p, g) for p, g in names.flatten(grads).items()}
+  for name, p in model.encoder_q.named_parameters():
+    p.grad = torch.from_numpy(np.array(named[name]))
+  opt.step()
+
+  tx = optim.sgd(config.optim, lambda step: lr)
+  updates, _ = tx.update(grads, state.opt_state, state.params)
+  ours = optax.apply_updates(state.params, updates)
+  after = model.encoder_q.state_dict()
+  for p, x in names.flatten(ours).items():
+    np.testing.assert_allclose(names.to_torch(p, x), after[names.torch_name(p)].numpy(),
+                               rtol=1e-5, atol=1e-6, err_msg=names.torch_name(p))
+
+  out = str(tmp_path / 'continued')
+  torch_io.import_weights('moco', str(tmp_path / 'm.pth.tar'), out, config=config)
+  new = restore_like_train_py(out, config, step=16)
+  assert_trees_equal(new.opt_state[1][0], state.opt_state[1][0])   # the momentum, bitwise
+  assert int(new.step) == 2 * 8   # the start of the epoch the reference resumes at

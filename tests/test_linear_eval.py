@@ -145,3 +145,41 @@ def test_command_line(pretrained, tmp_path):
   assert ok.returncode == 0, ok.stderr[-3000:]
   assert "fast mode (cached center-crop features), not the paper's protocol" in ok.stdout
   assert json.load(open(tmp_path / 'results.json'))['step'] == 6   # 2 epochs of 3 steps
+
+
+def test_each_head_steps_at_its_own_lr():
+  """per_head_sgd on [heads, ...] leaves == torch.optim.SGD's equations with lr_i per head."""
+  import optax  # pylint: disable=g-import-not-at-top
+  cfg = linear_config('unused').optim
+  cfg.weight_decay = 0.01   # the equations with decay too (the protocol has none)
+  scales, base = np.array([0.1, 1.0, 30.0]), 0.5
+  tx = linear.per_head_sgd(cfg, lambda step: base, scales)
+  rng = np.random.default_rng(0)
+  p = {'kernel': rng.normal(size=(3, 4, 2)).astype(np.float32)}
+  state, ref_p, buf = tx.init(p), p['kernel'].astype(np.float64), 0.0
+  for _ in range(3):
+    g = rng.normal(size=(3, 4, 2)).astype(np.float32)
+    updates, state = tx.update({'kernel': g}, state, p)
+    p = optax.apply_updates(p, updates)
+    d = g + cfg.weight_decay * ref_p                       # torch: d = g + wd * p
+    buf = cfg.momentum * buf + d                           # buf = mu * buf + d
+    ref_p = ref_p - (base * scales)[:, None, None] * buf   # p -= lr_i * buf
+  np.testing.assert_allclose(p['kernel'], ref_p, rtol=1e-5, atol=1e-6)
+
+
+def test_the_lr_is_chosen_on_held_out_train_never_on_test(tmp_path):
+  rng = np.random.default_rng(1)
+  centres = 3.0 * rng.normal(size=(4, 8))
+  def split(n):
+    y = rng.integers(0, 4, n).astype(np.int32)
+    return (centres[y] + rng.normal(size=(n, 8))).astype(np.float32), y
+  train_set, (tx, ty) = split(320), split(64)
+  fit, held = linear_eval.holdout_split(320, 0.1, seed=0)
+  assert len(held) == 32 and not set(fit) & set(held) and len(fit) + len(held) == 320
+  cfg = linear_config('unused', num_epochs=2, fast=True)
+  runs = [linear_eval.fit_cached(cfg, str(tmp_path / name), train_set, (tx, labels), 4)[2]
+          for name, labels in (('a', ty), ('b', rng.permutation(ty)), ('c', (ty + 1) % 4))]
+  held_scores = [[h['holdout_top1'] for h in heads] for heads in runs]
+  assert held_scores[0] == held_scores[1] == held_scores[2]   # test labels never enter
+  assert [h['top1'] for h in runs[0]] != [h['top1'] for h in runs[2]]   # (they do count for test)
+  assert len({h['lr'] for h in runs[0]}) == 6
