@@ -22,6 +22,40 @@ def torch_linear_init(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _group_norm_low(x, scale, bias, epsilon):
+  """Train-mode BN of x [G, M, C] in a low-precision dtype, per group (axis 0), with float32
+  statistics: (y in x's dtype, mean, biased var). The backward pass keeps only x itself (plus
+  the per-group statistics), not float32 copies of it: autodiff of the float32 formula would save
+  those, and in bfloat16 they cost more than the activations."""
+  return _group_norm_low_fwd(x, scale, bias, epsilon)[0]
+
+
+def _group_norm_low_fwd(x, scale, bias, epsilon):
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(axis=1, keepdims=True)
+  var = jnp.square(xf - mean).mean(axis=1, keepdims=True)
+  inv = jax.lax.rsqrt(var + epsilon)
+  y = ((xf - mean) * inv * scale + bias).astype(x.dtype)
+  return (y, mean, var), (x, mean, inv, scale)
+
+
+def _group_norm_low_bwd(epsilon, res, cotangents):
+  del epsilon
+  x, mean, inv, scale = res
+  dy, dmean, dvar = cotangents
+  centred = x.astype(jnp.float32) - mean
+  x_hat = centred * inv
+  dy = dy.astype(jnp.float32)
+  g = dy * scale                                     # d loss / d x_hat
+  dx = inv * (g - g.mean(axis=1, keepdims=True) - x_hat * (g * x_hat).mean(axis=1, keepdims=True))
+  dx += (dmean + 2 * dvar * centred) / x.shape[1]    # the statistics' own uses (running stats)
+  return (dx.astype(x.dtype), (dy * x_hat).sum(axis=(0, 1)), dy.sum(axis=(0, 1)))
+
+
+_group_norm_low.defvjp(_group_norm_low_fwd, _group_norm_low_bwd)
+
+
 class GroupBatchNorm(nn.Module):
   """BatchNorm whose training statistics are computed per group of `groups` contiguous examples.
 
@@ -31,6 +65,8 @@ class GroupBatchNorm(nn.Module):
   `groups=1` is plain BatchNorm over the whole (global) batch: under `jit` with the batch sharded
   over devices, XLA computes its statistics across devices (SimCLR's global BN).
   `use_bias=False`: no shift (SimCLR's last projection layer).
+  Statistics are float32 whatever `dtype`; in a lower precision (bfloat16) the train-mode
+  backward pass saves the input in that dtype only (`_group_norm_low`).
   """
   groups: int = 1
   momentum: float = 0.9
@@ -49,13 +85,18 @@ class GroupBatchNorm(nn.Module):
       n = x.shape[0]
       if n % self.groups:
         raise ValueError(f'batch of {n} does not split into {self.groups} BN groups')
-      xg = x.astype(jnp.float32).reshape(self.groups, n // self.groups, -1, c)
-      mean = xg.mean(axis=(1, 2), keepdims=True)
-      var = jnp.square(xg - mean).mean(axis=(1, 2), keepdims=True)
-      y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon)
-      y = (y * scale + bias).reshape(x.shape)
+      if jnp.dtype(self.dtype) == jnp.float32:
+        xg = x.astype(jnp.float32).reshape(self.groups, n // self.groups, -1, c)
+        mean = xg.mean(axis=(1, 2), keepdims=True)
+        var = jnp.square(xg - mean).mean(axis=(1, 2), keepdims=True)
+        y = (xg - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = (y * scale + bias).reshape(x.shape)
+      else:
+        shift = bias if self.use_bias else jnp.zeros((c,), jnp.float32)
+        y, mean, var = _group_norm_low(x.reshape(self.groups, -1, c), scale, shift, self.epsilon)
+        y = y.reshape(x.shape)
       if not self.is_initializing():
-        count = xg.shape[1] * xg.shape[2]
+        count = x.size // (self.groups * c)
         unbiased = var * (count / max(count - 1, 1))
         m = self.momentum
         ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(self.groups, c).mean(0)
