@@ -114,11 +114,15 @@ def _conv(features, kernel, stride, name, dtype):
                  name=name)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+  """What both residual blocks take: planes, stride, the norm layer and the compute dtype."""
   features: int
   stride: int
   norm: Any
   dtype: Any = jnp.float32
+
+
+class BasicBlock(_Block):
   expansion = 1
 
   @nn.compact
@@ -130,11 +134,7 @@ class BasicBlock(nn.Module):
     return nn.relu(y + _shortcut(self, x, train))
 
 
-class Bottleneck(nn.Module):
-  features: int
-  stride: int
-  norm: Any
-  dtype: Any = jnp.float32
+class Bottleneck(_Block):
   expansion = 4
 
   @nn.compact
