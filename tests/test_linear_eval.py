@@ -183,3 +183,17 @@ def test_the_lr_is_chosen_on_held_out_train_never_on_test(tmp_path):
   assert held_scores[0] == held_scores[1] == held_scores[2]   # test labels never enter
   assert [h['top1'] for h in runs[0]] != [h['top1'] for h in runs[2]]   # (they do count for test)
   assert len({h['lr'] for h in runs[0]}) == 6
+
+
+def test_linear_eval_and_convert_take_paths_relative_to_another_folder(pretrained, tmp_path,
+                                                                      monkeypatch):
+  """Every path goes through etils.epath (checkpoints.path): relative paths from any working
+  directory, as for gs:// URLs (which need the network, so are not tried here)."""
+  from mocov2_jax import torch_io  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  rel = os.path.relpath(pretrained, tmp_path)
+  r = linear_eval.evaluate(linear_config(rel, fast=True, sweep_lrs=()), 'lin')
+  assert r['checkpoint']['path'] == os.path.join(pretrained, 'checkpoints', '2')
+  assert json.load(open(tmp_path / 'lin' / 'results.json'))['step'] == 4
+  torch_io.export(os.path.join(rel, 'checkpoints', '2'), 'safetensors', 'b.safetensors')
+  assert (tmp_path / 'b.safetensors').stat().st_size > 1000
