@@ -5,7 +5,6 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from mocov2_jax import methods, optim
 from tests.helpers import shardings

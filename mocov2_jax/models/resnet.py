@@ -5,7 +5,7 @@ initialisers, no zero-initialised BN scales) mirrors `torchvision.models.resnet`
 map one-to-one onto it and exported models give the same features.
 """
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
