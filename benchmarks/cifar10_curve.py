@@ -8,7 +8,8 @@ features. `--epochs N` stops after N epochs of the 200-epoch schedule (the curve
 
   python benchmarks/cifar10_curve.py --workdir=/tmp/cifar10_curve --epochs=1 [-- --config.x=y]
 
-Writes WORKDIR/curve.csv, curve.json and curve.png; the last line printed is
+Writes WORKDIR/curve.csv, curve.json and curve.png (the plot needs matplotlib: pip install -e
+'.[bench]'); the last line printed is
 `epoch E: kNN top-1 X (reference Y)`. Running it again with the same workdir resumes.
 """
 import argparse
@@ -33,7 +34,7 @@ def plot(rows, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
-    print('matplotlib not installed: no plot (pip install matplotlib)')
+    print("matplotlib not installed: no plot (pip install -e '.[bench]')")
     return
   fig, ax = plt.subplots(figsize=(6, 4))
   ax.plot(list(REFERENCE), list(REFERENCE.values()), 'o--', color='gray', label='reference')
