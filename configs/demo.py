@@ -6,9 +6,10 @@ checkpoints, and a kNN check of the learned encoder against the same encoder at 
 
 `configs/demo.py:torchvision` is the same run at torchvision's own ResNet-18 shape (width 64,
 ImageNet stem), for the export round trip: its checkpoint loads into a stock
-`torchvision.models.resnet18()`. At 32 px that encoder does not learn these shapes in minutes on a
-CPU (its kNN ends below the random init's, which is strong at this width; docs/results.md), so it
-runs 4 epochs and the default demo keeps the small encoder that shows learning.
+`torchvision.models.resnet18()`. At 32 px that encoder did not learn the earlier version of these
+shapes in minutes on a CPU (its kNN ended below the random init's, which is strong at this width;
+docs/results.md; not re-measured on the current shapes), so it runs 4 epochs and the default demo
+keeps the small encoder that shows learning.
 """
 from mocov2_jax import defaults
 from mocov2_jax.data import recipes

@@ -12,7 +12,7 @@ CLASSES = ('disk', 'square', 'triangle', 'ring', 'cross', 'h_stripes', 'v_stripe
 
 # One colour pair for every image. With colours drawn per image (even from a palette of three),
 # the colour pair is what tells instances apart, and MoCo learns colour instead of shape
-# (docs/results.md: a palette of 8 lost kNN, one of 3 gained 4 points, one pair gains 12-25).
+# (docs/results.md: with a palette of 8 the kNN fell, with one of 3 it gained about 4 points).
 FOREGROUND, BACKGROUND = (230, 25, 75), (0, 130, 200)
 MAX_SHIFT = 0.15   # of the image size: how far a shape's centre may be from the middle
 
