@@ -15,6 +15,7 @@ CLASSES = ('disk', 'square', 'triangle', 'ring', 'cross', 'h_stripes', 'v_stripe
 # (docs/results.md: with a palette of 8 the kNN fell, with one of 3 it gained about 4 points).
 FOREGROUND, BACKGROUND = (230, 25, 75), (0, 130, 200)
 MAX_SHIFT = 0.15   # of the image size: how far a shape's centre may be from the middle
+NOISE_STD = 6.0    # per pixel and channel, so that no two images are alike
 
 
 def _masks(label, u, v, freq, phase, a):
@@ -59,5 +60,5 @@ def make_shapes(num, size=32, seed=0):
     v = (grid[None, :, None] - cy[i, None, None]) / radius[i, None, None]
     mask[i] = _masks(c, u, v, freq[i, None, None], phase[i, None, None], shape[i, None, None])
   images = np.where(mask[..., None], np.float32(FOREGROUND), np.float32(BACKGROUND))
-  images += rng.standard_normal(images.shape, np.float32) * 6
+  images += rng.standard_normal(images.shape, np.float32) * NOISE_STD
   return np.clip(images, 0, 255).astype(np.uint8), labels
