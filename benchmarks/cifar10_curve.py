@@ -11,6 +11,9 @@ features. `--epochs N` stops after N epochs of the 200-epoch schedule (the curve
 Writes WORKDIR/curve.csv, curve.json and curve.png (the plot needs matplotlib: pip install -e
 '.[bench]'); the last line printed is
 `epoch E: kNN top-1 X (reference Y)`. Running it again with the same workdir resumes.
+
+The reference curve is one run. Our epoch-1 point moves by several points between seeds
+(`-- --config.seed=S`; docs/results.md), so compare early epochs over a few seeds, not one run.
 """
 import argparse
 import csv
