@@ -6,14 +6,20 @@
 
 This is the one module that makes orbax CheckpointManagers and restores checkpoints.
 """
+import fcntl
 import json
 import os
+import socket
+import time
 
 import jax
+from absl import logging
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mocov2_jax import errors
 
 
 def path(workdir) -> epath.Path:
@@ -56,17 +62,81 @@ def manager(workdir, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mgr, state, *, force=False):
-  """Saves `state` at its step (unless saved already) and waits until it is on disk."""
+  """Saves `state` at its step (unless saved already) and waits until it is on disk. A save the
+  storage refuses (disk full, quota, permissions) is errors.CannotWrite, naming the cause."""
   step = int(state.step)
-  if mgr.latest_step() != step:
-    mgr.save(step, args=ocp.args.StandardSave(state), force=force)
-  mgr.wait_until_finished()
+  try:
+    if mgr.latest_step() != step:
+      mgr.save(step, args=ocp.args.StandardSave(state), force=force)
+    mgr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  (orbax wraps the OS's error)
+    cause = errors.storage_cause(e)
+    if cause is None:
+      raise
+    where = epath.Path(mgr.directory) / str(step)
+    kept = [s for s in mgr.all_steps() if s != step]
+    raise errors.CannotWrite(
+        f'cannot save checkpoint {where}: {cause.strerror}. '
+        + (f'The earlier checkpoints are intact (latest: step {max(kept)}); ' if kept else
+           'No earlier checkpoint exists; ')
+        + 'free space or fix the permissions, then run the same command to resume.') from e
 
 
-def restore_latest(mgr, like):
-  """`like` (a train state of the right shapes and shardings) restored from the latest step."""
+UNREADABLE = '.unreadable'   # suffix of a checkpoint moved aside because it failed to restore
+
+
+def _set_aside(step_dir) -> epath.Path:
+  """Renames a step that failed to restore to <step>.unreadable (never deletes it)."""
+  step_dir = epath.Path(step_dir)
+  target, n = step_dir.parent / f'{step_dir.name}{UNREADABLE}', 1
+  while target.exists():
+    target, n = step_dir.parent / f'{step_dir.name}{UNREADABLE}.{n}', n + 1
+  step_dir.rename(target)
+  return target
+
+
+def _first_line(e):
+  text = str(e).strip().split(' See full TensorStore details')[0].splitlines()
+  return f'{type(e).__name__}: {text[0] if text else ""}'[:300]
+
+
+def _all_processes(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def restore_newest(mgr, like):
+  """`like` (a train state of the right shapes and shardings) restored from the newest step that
+  restores, or None when there is none. A step that fails to read is named in the log and set
+  aside as <step>.unreadable; if none is left, errors.BadInput (never a fresh start over them)."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  return mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(abstract))
+  ckdir = epath.Path(mgr.directory)
+  for step in sorted(mgr.all_steps(), reverse=True):
+    try:
+      state, error = mgr.restore(step, args=ocp.args.StandardRestore(abstract)), None
+    except Exception as e:  # pylint: disable=broad-except  (any failure to read is the step's)
+      state, error = None, e
+    if _all_processes(error is None):
+      return state
+    if jax.process_index() == 0:
+      aside = _set_aside(ckdir / str(step))
+      logging.warning('Checkpoint %s cannot be read (%s): moved to %s; trying the one before.',
+                      ckdir / str(step), _first_line(error) if error else 'on another process',
+                      aside.name)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f'set aside {step}')
+    mgr.reload()
+  unreadable = sorted(p.name for p in ckdir.iterdir() if UNREADABLE in p.name) if (
+      ckdir.is_dir()) else []
+  if unreadable:
+    raise errors.BadInput(
+        f'no checkpoint in {ckdir} can be read ({", ".join(unreadable)} failed to restore and '
+        'are kept there): start afresh with a new --workdir, or move them out of checkpoints/ '
+        'to start this one from step 0.')
+  return None
 
 
 def find(checkpoint) -> tuple[epath.Path, epath.Path]:
@@ -93,8 +163,9 @@ def saved_tree(step_dir):
   handler = ocp.PyTreeCheckpointHandler()
   try:
     return handler.metadata(_item(step_dir)).tree
-  except (FileNotFoundError, ValueError, OSError) as e:
-    raise ValueError(f'{step_dir} is not a readable checkpoint ({type(e).__name__}: {e})') from e
+  except Exception as e:  # pylint: disable=broad-except  (a damaged _METADATA: JSON, OS errors)
+    raise errors.BadInput(f'{step_dir} is not a readable checkpoint ({_first_line(e)}): pass '
+                          'an earlier step (WORKDIR/checkpoints/<step>).') from e
   finally:
     handler.close()
 
@@ -107,6 +178,9 @@ def restore_raw(step_dir) -> dict:
   try:
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return handler.restore(_item(step_dir), args=ocp.args.PyTreeRestore(restore_args=args))
+  except Exception as e:  # pylint: disable=broad-except  (TensorStore: damaged or missing data)
+    raise errors.BadInput(f'{step_dir} is not a readable checkpoint ({_first_line(e)}): pass '
+                          'an earlier step (WORKDIR/checkpoints/<step>).') from e
   finally:
     handler.close()
 
@@ -159,3 +233,87 @@ def check_workdir(workdir):
   if not os.access(existing, os.W_OK):
     raise ValueError(f'--workdir={workdir}: {existing} is not writable: pass a folder you can '
                      'write to.')
+
+
+class WorkdirLock:
+  """One run per workdir: WORKDIR/lock names the run that holds it (host, pid, start time).
+
+  Local folders use flock, which the kernel releases when the holder dies, however it dies: a
+  lock file still naming a holder then is taken over with a warning. Remote workdirs (gs://)
+  have no flock: the file alone tells, and a holder on this host that is gone is taken over.
+  """
+
+  def __init__(self, workdir):
+    self.workdir, self.file = path(workdir), path(workdir) / 'lock'
+    self._fd, self._remote = None, False
+
+  def _me(self):
+    return dict(host=socket.gethostname(), pid=os.getpid(),
+                started=time.strftime('%Y-%m-%d %H:%M:%S %Z'))
+
+  @staticmethod
+  def _describe(holder):
+    try:
+      h = json.loads(holder)
+      return f'host {h["host"]}, pid {h["pid"]}, started {h["started"]}'
+    except (ValueError, KeyError, TypeError):
+      return 'unknown holder'
+
+  def _busy(self, holder):
+    return errors.BadInput(
+        f'{self.workdir} is in use by another run ({self._describe(holder)}): wait for it to '
+        f'end or stop it, or pass another --workdir. (A run that is gone leaves {self.file}; '
+        'delete it only if no run uses this workdir.)')
+
+  def acquire(self):
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    if '://' in str(self.workdir):
+      return self._acquire_remote()
+    fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      holder = os.pread(fd, 4096, 0).decode(errors='replace')
+      os.close(fd)
+      raise self._busy(holder) from None
+    previous = os.pread(fd, 4096, 0).decode(errors='replace').strip()
+    if previous:
+      logging.warning('Took over %s from a run that is no longer running (%s).', self.file,
+                      self._describe(previous))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(self._me()).encode(), 0)
+    self._fd = fd
+
+  def _acquire_remote(self):
+    if self.file.exists():
+      holder = self.file.read_text()
+      try:
+        h = json.loads(holder)
+        gone = h['host'] == socket.gethostname() and not _alive(int(h['pid']))
+      except (ValueError, KeyError, TypeError):
+        gone = False
+      if not gone:
+        raise self._busy(holder)
+      logging.warning('Took over %s from a run that is no longer running (%s).', self.file,
+                      self._describe(holder))
+    self.file.write_text(json.dumps(self._me()))
+    self._remote = True
+
+  def release(self):
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)   # kept, empty: unlinking it would race with a new run
+      os.close(self._fd)          # closing releases the flock
+      self._fd = None
+    elif self._remote:
+      self.file.unlink(missing_ok=True)
+      self._remote = False
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True

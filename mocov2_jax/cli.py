@@ -1,13 +1,26 @@
 """What the programs' command lines share: one absl style, multi-host start, quiet orbax logs, and
-errors as one or two lines with an exit code (no traceback, no flag help)."""
+errors as one or two lines with an exit code (no traceback, no flag help).
+
+Exit codes (README, 'Long runs'): 0 done; 2 bad input (command line, config, data, workdir in use,
+no readable checkpoint: nothing was written or lost); 3 diverged; 74 the workdir could not be
+written (disk full, permissions; earlier checkpoints intact); 75 preempted by SIGTERM and 130
+interrupted by SIGINT (the current step was saved).
+"""
+import difflib
+import importlib.util
 import logging as pylogging
 import os
 import sys
 
 from absl import app, flags, logging
 from etils import epath
+from ml_collections import config_flags
 
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 75, 130
+from mocov2_jax import errors
+
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CANNOT_WRITE, EXIT_PREEMPTED, EXIT_INTERRUPTED = (
+    2, 3, 74, 75, 130)
+_EXIT_CODES = ((errors.BadInput, EXIT_BAD_INPUT), (errors.CannotWrite, EXIT_CANNOT_WRITE))
 
 
 class Stop(Exception):
@@ -61,15 +74,81 @@ def checked(fn, *args, **kwargs):
     fail(str(e))
 
 
-def run(main):
-  """app.run(main); a run stopped by the loop (preempted, diverged) ends with its line and code."""
-  for arg in sys.argv[1:]:   # before absl parses it (a missing file would print a traceback)
-    if arg.startswith('--config=') and not epath.Path(arg[9:].split(':')[0]).is_file():
-      fail(f'{arg}: no such file: pass a config file such as configs/mocov2.py.')
+def _flat_fields(config, prefix=''):
+  out = []
+  for k, v in config.items():
+    out.append(f'{prefix}{k}')
+    if hasattr(v, 'items'):
+      out += _flat_fields(v, f'{prefix}{k}.')
+  return out
 
+
+def _load_config(spec):
+  """The ConfigDict of `path[:arg]`, as config_flags loads it."""
+  path, *args = spec.split(':', 1)
+  module_spec = importlib.util.spec_from_file_location('mocov2_jax_cli_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
+def check_config_overrides(default=None, argv=None):
+  """Before absl parses the command line: the --config file exists and every --config.a.b
+  override names one of its fields (else one line with the closest field names, exit 2)."""
+  argv = sys.argv[1:] if argv is None else argv
+  spec = default
+  for arg in argv:   # a missing file would otherwise print a traceback
+    if arg.startswith('--config='):
+      spec = arg[len('--config='):]
+      if not epath.Path(spec.split(':')[0]).is_file():
+        fail(f'{arg}: no such file: pass a config file such as configs/mocov2.py.')
+  overrides = [a[len('--config.'):].split('=')[0] for a in argv if a.startswith('--config.')]
+  if not overrides:
+    return
+  if spec is None:
+    fields = _flat_fields(_default_config())
+  else:
+    try:
+      fields = _flat_fields(_load_config(spec))
+    except Exception as e:  # pylint: disable=broad-except  (the config file's own error)
+      fail(f'--config={spec}: {type(e).__name__}: {e}')
+  for name in overrides:
+    if name not in fields:
+      close = difflib.get_close_matches(name, fields, n=2, cutoff=0.8)
+      fail(f'--config.{name}: no such field in {spec or "the default config"}'
+           + (f'; did you mean {" or ".join("--config." + c for c in close)}?' if close else
+              '; see the config file for the fields.'))
+
+
+def _default_config():
+  from mocov2_jax import defaults  # pylint: disable=g-import-not-at-top
+  return defaults.base_config()
+
+
+def define_config(default, lock=True, help_text='Config file.'):
+  """config_flags.DEFINE_config_file, after `check_config_overrides` (config_flags applies the
+  overrides while defining the flag and would raise a traceback on a misspelt field)."""
+  check_config_overrides(default)
+  config_flags.DEFINE_config_file('config', default, help_text, lock_config=lock)
+
+
+def _parse_flags(argv):
+  """absl's parser; a bad value (`--config.batch_size=abc`, a missing required flag) is one
+  line and exit 2, where absl would print its flag help and exit 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+
+
+def run(main):
+  """app.run(main); a run stopped by the loop (preempted, diverged) or by an `errors` kind ends
+  with its line and code."""
   def stoppable(argv):
     try:
       return main(argv)
     except Stop as e:
       fail(str(e), e.code)
-  app.run(stoppable)
+    except tuple(kind for kind, _ in _EXIT_CODES) as e:
+      fail(str(e), next(code for kind, code in _EXIT_CODES if isinstance(e, kind)))
+  app.run(stoppable, flags_parser=_parse_flags)

@@ -24,7 +24,7 @@ PyTorch is optional (pip install -e '.[torch]'); safetensors files are read and 
 from absl import flags
 from ml_collections import config_flags
 
-from mocov2_jax import cli, defaults, torch_io
+from mocov2_jax import cli, config_check, defaults, torch_io
 from mocov2_jax import torch_names as names
 from mocov2_jax.models import resnet
 
@@ -45,6 +45,7 @@ def convert(files):
     if len(files) != 1:
       raise ValueError('--from needs one FILE argument: --from=moco FILE --out=WORKDIR')
     base = FLAGS.config or defaults.base_config()
+    config_check.check(base)
     config = torch_io.import_weights(FLAGS['from'].value, files[0], FLAGS.out, base, FLAGS.arch,
                                      FLAGS.width, FLAGS.cifar_stem)
     name = (config_flags.get_config_filename(FLAGS['config']) if FLAGS.config
@@ -67,8 +68,8 @@ def define_flags():
   flags.DEFINE_enum('arch', None, sorted(resnet.ARCHS), 'Import: check the file is this arch.')
   flags.DEFINE_integer('width', None, 'Import: check the first stage has this width.')
   flags.DEFINE_bool('cifar_stem', None, 'Import: check the stem (3x3, no max-pool).')
-  config_flags.DEFINE_config_file('config', None, 'Import: the pre-training config the workdir is '
-                                  'for (default: defaults.base_config()).', lock_config=False)
+  cli.define_config(None, lock=False, help_text='Import: the pre-training config the workdir is '
+                    'for (default: defaults.base_config()).')
 
 
 def main(argv):

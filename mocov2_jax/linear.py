@@ -15,7 +15,7 @@ from clu import metrics
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mocov2_jax import checkpoints, loop, methods, optim
+from mocov2_jax import checkpoints, config_check, loop, methods, optim
 from mocov2_jax import torch_names as names
 from mocov2_jax.models import resnet
 
@@ -133,16 +133,14 @@ def check_shapes(cfg, step_dir):
 def check(config, overridden=(), workdir=None):
   """All start-up checks; returns (resolved config, steps per epoch, number of classes)."""
   from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
+  config_check.check(config)
   cfg = resolve(config, overridden)
   check_shapes(cfg, cfg.pretrained_checkpoint)
+  load_backbone(cfg.pretrained_checkpoint)   # its arrays read, before any long work
   b = cfg.batch_size
   if b <= 0 or b % jax.device_count() or b % jax.process_count():
     raise ValueError(f'batch_size={b} is not a positive multiple of the {jax.device_count()} '
                      f'devices and {jax.process_count()} processes: set --config.batch_size.')
-  if cfg.num_epochs <= 0:
-    raise ValueError(f'num_epochs={cfg.num_epochs}: set --config.num_epochs to 1 or more.')
-  if not 0 < cfg.holdout_fraction < 1:
-    raise ValueError(f'holdout_fraction={cfg.holdout_fraction} must be in (0, 1).')
   optim.schedule(cfg.optim, b, 1, cfg.num_epochs)  # unknown schedule
   if workdir is not None:
     checkpoints.check_resume(workdir, cfg, FIXED_FIELDS)

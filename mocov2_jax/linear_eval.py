@@ -183,7 +183,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file.', lock_config=True)
+  cli.define_config(_DEFAULT_CONFIG)
   flags.DEFINE_string('workdir', None, 'Linear checkpoints, TensorBoard events, results.json.')
   flags.mark_flag_as_required('workdir')
   cli.define_distributed_flags()

@@ -5,10 +5,10 @@ The loop owns the rest: the workdir (config, checkpoints, results), resume, clu 
 (progress with rate and ETA, profiling), evaluation on a schedule, metric writing, divergence
 checks, preemption (SIGTERM / SIGINT) and the final save.
 
-Exit codes of the programs (`cli`; README, "Long runs"): 0 done, 2 bad input or config (nothing
-written), 3 diverged (the latest checkpoint is the last good one), 75 preempted by SIGTERM and
-130 interrupted by SIGINT (a checkpoint of the current step was saved: run the same command
-to resume).
+Faults (README, "Long runs"; exit codes in `cli`): a workdir in use or with no readable
+checkpoint is refused before anything is written; a checkpoint that fails to restore is set aside
+and the one before it is used; a save the storage refuses is errors.CannotWrite; divergence stops
+without saving the diverged state; SIGTERM / SIGINT save the current step first.
 """
 import collections
 import contextlib
@@ -21,7 +21,7 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from mocov2_jax import checkpoints
+from mocov2_jax import checkpoints, errors
 from mocov2_jax.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, Stop
 
 _EXIT_CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGINT: EXIT_INTERRUPTED}
@@ -114,21 +114,53 @@ def _check_finite(metrics, step):
                  '(--config.optim.base_lr) or check the data, then start again.', EXIT_DIVERGED)
 
 
+def _lock(workdir):
+  """Process 0 locks the workdir; every process stops if it could not (errors.BadInput)."""
+  lock, error = checkpoints.WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except errors.BadInput as e:
+      error = e
+  if jax.process_count() > 1:
+    busy = np.max(multihost_utils.process_allgather(np.int32(error is not None)))
+    if busy and error is None:
+      lock.release()
+      error = errors.BadInput(f'{workdir} is in use by another run (process 0 says which).')
+  if error is not None:
+    raise error
+  return lock
+
+
 def run(exp: Experiment, workdir):
   """Trains `exp` to `exp.total_steps`, resuming from `workdir`; returns (state, results)."""
+  lock = _lock(checkpoints.path(workdir))
+  try:
+    return _run(exp, checkpoints.path(workdir))
+  except OSError as e:   # results.json, config.json, TensorBoard events on a full disk
+    cause = errors.storage_cause(e)
+    if cause is None or isinstance(e, errors.CannotWrite):
+      raise
+    raise errors.CannotWrite(f'cannot write to {workdir}: {cause.strerror} ({e}). The '
+                             'checkpoints saved so far are intact; free space or fix the '
+                             'permissions, then run the same command to resume.') from e
+  finally:
+    lock.release()
+
+
+def _run(exp, workdir):
   cfg, lead = exp.config, jax.process_index() == 0
-  workdir = checkpoints.path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  state = exp.init_state()
+  mgr = checkpoints.manager(workdir, cfg.keep_checkpoints)
+  restored = checkpoints.restore_newest(mgr, state)   # before anything in the workdir changes
+  if restored is not None:
+    state = restored
+    logging.info('Resumed from %s at step %d.', workdir, int(state.step))
   if lead:
     if checkpoints.config_changes(workdir, cfg):
       checkpoints.keep_previous_config(workdir)
     checkpoints.write_config(cfg, workdir)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not lead)
-  state = exp.init_state()
-  mgr = checkpoints.manager(workdir, cfg.keep_checkpoints)
-  if mgr.latest_step() is not None:
-    state = checkpoints.restore_latest(mgr, state)
-    logging.info('Resumed from %s at step %d.', workdir, int(state.step))
   start = int(state.step)
   results = checkpoints.read_results(workdir) if start > 0 else {}
 
@@ -140,9 +172,10 @@ def run(exp: Experiment, workdir):
       checkpoints.write_results(workdir, results)
 
   def save(step, force=False):
-    if not bool(_all_finite(state.params)):
-      raise Stop(f'diverged at step {step}: a parameter is not finite. No checkpoint of it was '
-                 'written; lower the learning rate and start again.', EXIT_DIVERGED)
+    if not bool(_all_finite(state)):   # params, BN statistics, key encoder, queue, optimizer
+      raise Stop(f'diverged at step {step}: the train state holds a non-finite value. No '
+                 'checkpoint of it was written; the latest checkpoint is the last good one. '
+                 'Lower the learning rate and start again.', EXIT_DIVERGED)
     checkpoints.save(mgr, state, force=force)
 
   progress = periodic_actions.ReportProgress(

@@ -7,12 +7,11 @@ Starting again with the same --workdir resumes from its latest checkpoint.
 """
 from absl import flags
 from etils import epath
-from ml_collections import config_flags
 
 from mocov2_jax import checkpoints, cli
 
 _DEFAULT_CONFIG = str(epath.Path(__file__).resolve().parent.parent / 'configs' / 'demo.py')
-config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Config file.', lock_config=True)
+cli.define_config(_DEFAULT_CONFIG)
 flags.DEFINE_string('workdir', '/tmp/mocov2_jax_demo', 'Checkpoints, logs, TensorBoard events.')
 cli.define_distributed_flags()
 FLAGS = flags.FLAGS

@@ -113,14 +113,15 @@ def report(workdirs) -> str:
 
 
 def main(argv):
-  """argv[1:]: the linear-evaluation workdirs. Exit 1 with the reason when one is unreadable."""
+  """argv[1:]: the linear-evaluation workdirs. Exit 2 (bad input) with the reason when one is
+  unreadable."""
   if len(argv) < 2:
     raise app.UsageError('pass one or more linear-evaluation workdirs')
   try:
     sys.stdout.write(report(argv[1:]))
   except ReportError as e:
     print(f'report: {e}', file=sys.stderr)
-    return 1
+    return 2
   return 0
 
 

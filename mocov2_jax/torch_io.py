@@ -136,9 +136,13 @@ def read_checkpoint(path):
   torch = _import_torch()
   try:
     obj = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-  except Exception as e:  # a pickled model object or not a torch file at all: no code is run
-    raise ValueError(f'torch.load({path}, weights_only=True) failed ({type(e).__name__}): '
+  except pickle.UnpicklingError as e:   # a pickled model object: weights_only runs no code
+    raise ValueError(f'torch.load({path}, weights_only=True) refused it ({type(e).__name__}): '
                      'pass a state_dict file written by torch.save, not a pickled model') from e
+  except Exception as e:  # pylint: disable=broad-except  (truncated, damaged, not a torch file)
+    first = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200]
+    raise ValueError(f'{path} is not a readable PyTorch file ({type(e).__name__}: {first}): is '
+                     'it truncated or damaged? Copy it again.') from e
   if not isinstance(obj, dict):
     raise ValueError(f'{path} holds a {type(obj).__name__}, not a state_dict')
   extras = {k: v for k, v in obj.items() if k != 'state_dict'} if 'state_dict' in obj else {}

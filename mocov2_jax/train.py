@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mocov2_jax import checkpoints, knn, loop, methods, optim
+from mocov2_jax import checkpoints, config_check, knn, loop, methods, optim
 from mocov2_jax.data.bad_images import BadImages
 
 # What shapes the train state or the method: a resumed run may not change these.
@@ -18,38 +18,32 @@ FIXED_FIELDS = ('method', 'model.', 'moco.queue_size', 'moco.bn_groups', 'moco.s
 
 def validate(config, num_devices: int, num_processes: int = 1):
   """Fails before any long work with a message that says what to change."""
+  config_check.check(config)
   b = config.batch_size
   if config.method not in methods.METHODS:
     raise ValueError(f'unknown method {config.method!r}: set --config.method to one of '
                      f'{methods.METHODS}.')
-  if b <= 0 or b % num_devices:
-    raise ValueError(f'batch_size={b} is not a positive multiple of the {num_devices} devices: '
+  if b % num_devices:
+    raise ValueError(f'batch_size={b} is not a multiple of the {num_devices} devices: '
                      f'set --config.batch_size to a multiple of {num_devices}.')
   if b % num_processes:
     raise ValueError(f'batch_size={b} is not divisible by the {num_processes} processes.')
-  if config.num_epochs <= 0:
-    raise ValueError(f'num_epochs={config.num_epochs}: set --config.num_epochs to 1 or more.')
   if config.method == 'moco':
     groups, k = config.moco.bn_groups, config.moco.queue_size
-    if groups <= 0 or b % groups or b // groups < 2:
+    if b % groups or b // groups < 2:
       raise ValueError(f'batch_size={b} does not split into moco.bn_groups={groups} BN groups '
                        f'of 2 or more examples: change --config.moco.bn_groups or the batch size.')
     keys_per_step = b * (2 if config.moco.symmetric else 1)
-    if k <= 0 or k % keys_per_step:
+    if k % keys_per_step:
       raise ValueError(f'moco.queue_size={k} is not a multiple of the {keys_per_step} keys '
                        f'enqueued per step: set --config.moco.queue_size to a multiple of it.')
   elif b < 2:
     raise ValueError(f'batch_size={b}: SimCLR needs 2 or more examples (the negatives).')
-  for field in ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints'):
-    if config[field] <= 0:
-      raise ValueError(f'{field}={config[field]} must be positive.')
   if config.knn.feature not in knn.FEATURES:
     raise ValueError(f'knn.feature={config.knn.feature!r}: choose one of {knn.FEATURES}.')
   if config.data.augment_on not in ('host', 'device'):
     raise ValueError(f"data.augment_on={config.data.augment_on!r}: 'device' (the default: "
                      "the host only crops) or 'host' (the whole recipe in tf.data).")
-  if config.profile_steps < 0:
-    raise ValueError(f'profile_steps={config.profile_steps}: 0 (no trace) or a number of steps.')
   methods.create_model(config)  # unknown arch / head / dtype
   lr = optim.schedule(config.optim, b, 1, config.num_epochs)  # unknown schedule / scaling
   optim.create(config.optim, lr)  # unknown optimizer

@@ -129,8 +129,8 @@ def test_a_resumed_run_is_bitwise_the_run_that_never_stopped(tmp_path):
 def test_clear_errors_before_anything_is_written(tmp_path, monkeypatch):
   config = f'--config={REPO}/configs/demo.py'
   for flags, message in [
-      ((config, '--config.batch_size=0'), 'batch_size=0 is not a positive multiple'),
-      ((config, '--config.num_epochs=0'), 'num_epochs=0: set --config.num_epochs to 1'),
+      ((config, '--config.batch_size=0'), '--config.batch_size=0: must be a positive integer'),
+      ((config, '--config.num_epochs=0'), '--config.num_epochs=0: must be a positive integer'),
       (('--config=configs/no_such_config.py',), 'no_such_config.py: no such file'),
       ((config, '--config.data.on_bad_image=maybe'), 'data.on_bad_image'),
   ]:

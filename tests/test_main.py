@@ -69,7 +69,7 @@ def _config(**changes):
 
 
 @pytest.mark.parametrize('changes, message', [
-    ({'batch_size': 36}, 'not a positive multiple of the 8 devices'),
+    ({'batch_size': 36}, 'not a multiple of the 8 devices'),
     ({'moco.queue_size': 1000}, 'not a multiple of the 128 keys'),
     ({'moco.queue_size': 128, 'moco.symmetric': True}, 'not a multiple of the 256 keys'),
     ({'moco.bn_groups': 3}, 'does not split into moco.bn_groups=3'),

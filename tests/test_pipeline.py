@@ -231,7 +231,13 @@ def test_check_data_errors(tmp_path, tfds_dir):
     pipeline.check_data(config(source='folder', folder=str(tmp_path), eval_split='val'))
   (tmp_path / 'test' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
   sources._list_images.cache_clear()
-  with pytest.raises(ValueError, match='broken.jpg'):
+  pipeline.check_data(config(source='folder', folder=str(tmp_path)))   # 'skip': counted later
+  with pytest.raises(ValueError, match='broken.jpg.*on_bad_image=skip'):
+    pipeline.check_data(config(source='folder', folder=str(tmp_path), on_bad_image='error'))
+  for i in range(5):
+    (tmp_path / 'test' / f'{i}.jpg').write_bytes(b'')
+  sources._list_images.cache_clear()
+  with pytest.raises(ValueError, match='None of 6 sampled files .* decodes'):
     pipeline.check_data(config(source='folder', folder=str(tmp_path)))
   with pytest.raises(ValueError, match='not prepared.*manual_dir'):
     pipeline.check_data(config(source='tfds', name='moco_test_images',

@@ -160,7 +160,7 @@ def test_report_refuses_malformed_results(tmp_path, capsys):
   for workdir, message in cases:
     with pytest.raises(report.ReportError, match=message.replace('(', r'\(')):
       report.report([good, str(workdir)])
-    assert report.main([good, str(workdir)]) == 1
+    assert report.main([good, str(workdir)]) == 2
     assert message in capsys.readouterr().err
   os.remove(tmp_path / 'g_pre' / 'config.json')
   with pytest.raises(report.ReportError, match='which row it reproduces'):

@@ -7,12 +7,15 @@ int32} in an order fixed by a seed (None: the split's own order), the function t
 Everything else (views, batches, epochs) is the pipeline's.
 """
 import functools
+import os
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
+from mocov2_jax import errors
 from mocov2_jax.data import synthetic
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -128,12 +131,27 @@ class ImageFolder(_Indexed):
       if not files:
         raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) in '
                          f'{str(self._dir(split))!r} or its class sub-folders.')
-      for i in np.unique(np.linspace(0, len(files) - 1, NUM_DECODE_CHECKS).astype(int)):
-        try:
-          decode(tf.io.read_file(files[i]))
-        except tf.errors.OpError as e:
-          raise ValueError(f'Cannot decode image {files[i]!r} ({e.message}); remove or '
-                           're-encode it.') from e
+      self._check_decodes(files)
+
+  def _check_decodes(self, files):
+    """Decodes a sample of the files: an unreadable one obeys data.on_bad_image like any other
+    (the stream skips and counts it, or stops); a sample that reads nowhere is a wrong folder."""
+    sample = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, NUM_DECODE_CHECKS)
+                                          .astype(int))]
+    unreadable = []
+    for f in sample:
+      try:
+        decode(tf.io.read_file(f))
+      except tf.errors.OpError as e:
+        message = f'Cannot decode image {f!r} ({e.message.splitlines()[0]})'
+        if self.cfg.on_bad_image == 'error':
+          raise errors.BadInput(f'{message}; remove or re-encode it, or set '
+                                '--config.data.on_bad_image=skip.') from e
+        logging.warning('%s: it will be skipped and counted (data.on_bad_image=skip).', message)
+        unreadable.append(f)
+    if len(unreadable) == len(sample):
+      raise errors.BadInput(f'None of {len(sample)} sampled files of {self.cfg.folder!r} decodes '
+                            f'(e.g. {unreadable[0]!r}): is data.folder the image folder?')
 
   def _dir(self, split) -> epath.Path:
     """ROOT/<split>; a ROOT with no split sub-folders is the train split itself."""
@@ -164,24 +182,54 @@ def _subfolders(directory):
                 if p.is_dir() and not p.name.startswith('.'))
 
 
+def _is_image_name(name):
+  """The one rule for what is an image: its name's extension. Other files are not read; a file
+  named like an image that does not decode is an unreadable image (`data.on_bad_image`)."""
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(top):
+  """The image files under `top`, sorted. Symlinks to files are read; a linked folder is read
+  once, and only if it leads to a folder inside `top` not yet read: one that leads back into
+  the tree (a loop), elsewhere in it again, or out of it is skipped with a warning naming it."""
+  if '://' in top:   # object stores have no links: tf.io.gfile walks them
+    return sorted(f'{root.rstrip("/")}/{n}' for root, _, names in tf.io.gfile.walk(top)
+                  for n in names if _is_image_name(n))
+  real_top, seen, found = os.path.realpath(top), set(), []
+  for root, dirs, names in os.walk(top, followlinks=True):
+    real = os.path.realpath(root)
+    seen.add(real)
+    kept = []
+    for d in sorted(dirs):
+      target = os.path.realpath(os.path.join(root, d))
+      inside = target == real_top or target.startswith(real_top + os.sep)
+      if target in seen or not inside:   # ancestors are in `seen`: a loop is caught here
+        logging.warning('Skipped the folder %s: it links to %s, %s.', os.path.join(root, d),
+                        target, 'outside ' + top if not inside else 'a folder read already')
+        continue
+      seen.add(target)
+      kept.append(d)
+    dirs[:] = kept
+    found += [os.path.join(root, n) for n in names if _is_image_name(n)]
+  return sorted(found)
+
+
 @functools.lru_cache(maxsize=8)
 def _list_images(directory, class_names):
   """(files, labels) of `directory`'s class sub-folders; a flat folder is unlabelled (-1)."""
-  is_image = lambda p: p.name.lower().endswith(IMAGE_EXTENSIONS) and not p.is_dir()
   directory = epath.Path(directory)
   classes = _subfolders(directory)
   if not classes:
-    files = sorted(str(p) for p in directory.iterdir() if is_image(p))
+    files = sorted(str(p) for p in directory.iterdir() if _is_image_name(p.name)
+                   and not p.is_dir())
     return files, np.full(len(files), -1, np.int32)
   unknown = sorted(set(classes) - set(class_names))
   if unknown:
-    raise ValueError(f'{str(directory)!r} has classes the train split lacks: {unknown[:5]}; '
-                     "every split must use the train split's class folders.")
+    raise errors.BadInput(f'{str(directory)!r} has classes the train split lacks: '
+                          f"{unknown[:5]}; every split must use the train split's class folders.")
   files, labels = [], []
-  for name in classes:   # tf.io.gfile: recursive listing on local disks and gs:// alike
-    found = sorted(f'{root.rstrip("/")}/{n}' for root, _, names in
-                   tf.io.gfile.walk(str(directory / name)) for n in names
-                   if n.lower().endswith(IMAGE_EXTENSIONS))
+  for name in classes:
+    found = _walk_images(str(directory / name))
     files += found
     labels += [class_names.index(name)] * len(found)
   return files, np.array(labels, np.int32)
