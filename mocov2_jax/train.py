@@ -9,6 +9,7 @@ import numpy as np
 from absl import logging
 
 from mocov2_jax import checkpoints, config_check, knn, loop, methods, optim
+from mocov2_jax.data import bad_images
 from mocov2_jax.data.bad_images import BadImages
 
 # What shapes the train state or the method: a resumed run may not change these.
@@ -173,7 +174,9 @@ class Pretraining(loop.Experiment):
     return {'knn_top1': accs[feature], **{f'knn_top1_{f}': a for f, a in accs.items()}}
 
   def summary(self):
-    return dict(bad_images=self.bad.count, bad_image_names=list(self.bad.names))
+    """The unreadable images met by every process (the loop calls this on all of them)."""
+    count, names = bad_images.over_processes(self.bad)
+    return dict(bad_images=count, bad_image_names=names)
 
   def first_batch_images(self, batch):
     n = self.config.num_summary_pairs
