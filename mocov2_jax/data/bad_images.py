@@ -1,4 +1,6 @@
 """The tally of unreadable examples (no TensorFlow here: the loop's experiments hold one)."""
+import hashlib
+
 import numpy as np
 from absl import logging
 
@@ -10,28 +12,47 @@ class BadImages:
   """Unreadable examples met so far (`data.on_bad_image='skip'`): counted, the first few named."""
 
   def __init__(self):
-    self.count, self.names = 0, []
+    self.count, self.names, self._seen = 0, [], set()
 
   def add(self, names):
+    """Counts each example once, however many epochs meet it."""
     for name in names:
+      if name in self._seen:
+        continue
+      self._seen.add(name)
       self.count += 1
       if len(self.names) < MAX_NAMED:
         self.names.append(name)
         logging.warning('Skipped an unreadable image: %s (%d so far)', name, self.count)
 
 
+def _digest(name) -> np.ndarray:
+  """A name as 2 int32 (64 bits of its BLAKE2b hash)."""
+  return np.frombuffer(hashlib.blake2b(str(name).encode(), digest_size=8).digest(), np.int32)
+
+
 def over_processes(bad: BadImages):
-  """(count, names) of every process's `bad` together: counts summed, the first MAX_NAMED names
-  in process order. A collective: every process must call it at the same point."""
+  """(count, names) of every process's `bad` together: each unreadable example counted once,
+  whichever processes met it, and the first MAX_NAMED names in process order. A collective:
+  every process must call it at the same point."""
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return bad.count, list(bad.names)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  gather = multihost_utils.process_allgather
+  longest = max(1, int(np.max(gather(np.int32(len(bad._seen))))))
+  digests = np.zeros((longest, 3), np.int32)   # (met, 64-bit hash) rows
+  for i, name in enumerate(sorted(bad._seen)):
+    digests[i] = (1, *_digest(name))
   names = np.zeros((MAX_NAMED, NAME_BYTES), np.uint8)
   for i, name in enumerate(bad.names[:MAX_NAMED]):
     data = str(name).encode()[:NAME_BYTES]
     names[i, :len(data)] = np.frombuffer(data, np.uint8)
-  counts, names = multihost_utils.process_allgather((np.int32(bad.count), names))
-  pooled = [bytes(row).rstrip(b'\0').decode(errors='replace') for row in
-            np.asarray(names).reshape(-1, NAME_BYTES) if row.any()]
-  return int(np.sum(counts)), pooled[:MAX_NAMED]
+  digests, names = (np.asarray(x) for x in gather((digests, names)))
+  met = {tuple(row[1:]) for row in digests.reshape(-1, 3) if row[0]}
+  pooled = []
+  for row in names.reshape(-1, NAME_BYTES):
+    name = bytes(row).rstrip(b'\0').decode(errors='replace')
+    if name and name not in pooled:
+      pooled.append(name)
+  return len(met), pooled[:MAX_NAMED]
