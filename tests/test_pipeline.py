@@ -96,6 +96,45 @@ def test_a_stream_re_entered_at_any_step_is_the_same():
         np.testing.assert_array_equal(x[key], y[key])
 
 
+def _assert_same_batches(a, b, where):
+  assert len(a) == len(b), where
+  for step, (x, y) in enumerate(zip(a, b)):
+    assert x.keys() == y.keys(), where
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=f'{where}, step {step}: {key}')
+
+
+def joined(parts):
+  """The global batches of per-process batches (process p's rows after process p - 1's)."""
+  return [{k: np.concatenate([p[i][k] for p in parts]) for k in parts[0][i]}
+          for i in range(len(parts[0]))]
+
+
+@pytest.mark.parametrize('source', ['synthetic', 'folder with unreadable files'])
+def test_the_global_batch_does_not_depend_on_the_process_count(tmp_path, source):
+  """P processes building their slices of each global batch give, row for row and bit for bit,
+  the batches of one process (examples, order, views, the records that replace unreadable
+  ones), over an epoch's end; and so does a stream resumed on another number of processes."""
+  if source == 'synthetic':
+    cfg, steps = config(), 6                                  # 40 examples: 5 steps an epoch
+  else:
+    write_odd_and_bad(tmp_path)
+    cfg, steps = config(source='folder', folder=str(tmp_path), eval_split='train'), 4
+  one_bad = pipeline.BadImages()
+  one = train_take(cfg, steps, local_batch_size=8, seed=1, bad=one_bad)
+  for count in (4,):   # 2 processes: the resumed stream below
+    bads = [pipeline.BadImages() for _ in range(count)]
+    parts = [train_take(cfg, steps, local_batch_size=8 // count, seed=1, process_index=p,
+                        process_count=count, bad=bads[p]) for p in range(count)]
+    _assert_same_batches(joined(parts), one, f'{count} processes')
+    assert set().union(*(b.names for b in bads)) == set(one_bad.names)
+  resumed = [train_take(cfg, steps - 3, local_batch_size=4, seed=1, start_step=3,
+                        process_index=p, process_count=2) for p in range(2)]
+  _assert_same_batches(joined(resumed), one[3:], 'resumed on 2 processes')
+  if source != 'synthetic':
+    assert 1 <= one_bad.count <= 3
+
+
 # ---- image folder ----
 @pytest.mark.parametrize('labelled', [True, False])
 def test_folder_shards_are_disjoint_and_cover(tmp_path, labelled):

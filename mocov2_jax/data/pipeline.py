@@ -1,12 +1,17 @@
-"""tf.data input: this process's shard of a source (`sources.get`), views, batches, epochs.
+"""tf.data input: this process's part of each global batch of a source (`sources.get`), views,
+batches, epochs.
 
-Every process reads its own shard and builds its part of the global batch. The stream is a pure
-function of (seed, step): epoch e reads the shard in an order seeded by (seed, e), and the views
-of its i-th example are drawn from (seed, e, process, i). So a run resumed at step s reads exactly
-what the run that never stopped read from step s on, whatever the number of tf.data threads.
+The stream is a pure function of (seed, step). With image folders and synthetic data (random
+access), epoch e is one permutation of the split seeded by (seed, e), process p builds its rows of
+each global batch from it, and the views of the example at position g of the epoch are drawn from
+(seed, e, g): the global batch is the same on any number of processes and devices. With tfds
+(a stream), each process reads its own shard in an order seeded by (seed, e). Either way a run
+resumed at step s reads exactly what the run that never stopped read from step s on, whatever the
+number of tf.data threads (and, with random access, whatever the number of processes).
 """
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from mocov2_jax import cli
 from mocov2_jax.data import augment, sources
@@ -49,13 +54,27 @@ def _order_seed(seed, epoch):
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
 
 
-def _read(ds, source, records_args, bad, on_bad, start, total=None):
-  """NumPy batches of `ds` (with an 'index': the record's position) minus the index. Records
-  missing from the batches were unreadable: skipped and added to `bad`, or ('error') the first
-  one stops the run, named. `total`: the number of records (the end's missing ones count too)."""
-  names = source.names(*records_args)
-  name = lambda i: (names[i % len(names)] if names is not None and len(names)
-                    else f'record {i} of {records_args[0]!r} (process {records_args[1]})')
+MAX_TRIES = 8   # records tried for one position of an epoch before a blank example fills it
+
+
+def global_position(i, local_batch_size, process_index, process_count):
+  """The position in the epoch of a process's i-th example (NumPy or TensorFlow integers).
+
+  Of each global batch of P x L examples, process p builds the rows [p L, (p + 1) L): the rows its
+  devices hold, since the mesh lists the devices process by process. So P processes of D devices
+  feed the same global batch, row for row, as one process of P x D devices (or one device)."""
+  lb = local_batch_size
+  return (i // lb) * (lb * process_count) + process_index * lb + i % lb
+
+
+def _read(ds, bad, first_bad, name, start, total=None):
+  """NumPy batches of `ds` minus their bookkeeping, with the unreadable records they met added
+  to `bad`; in 'error' mode the first one stops the run, named by `first_bad(i)` (the first
+  unreadable record from the stream's i-th on). Two bookkeepings: 'index' (the stream's position
+  of each example: positions missing from the batches were unreadable records, `name(i)`), and
+  where records are tried in turn ('tries', 'candidates': the records tried, in order, for each
+  example) the first `tries` candidates, which failed (`name` of a record id). `total`: the
+  stream's length (its missing last positions count too)."""
   expected, it = start, ds.as_numpy_iterator()
   while True:
     try:
@@ -63,72 +82,143 @@ def _read(ds, source, records_args, bad, on_bad, start, total=None):
     except StopIteration:
       break
     except tf.errors.OpError as e:
-      raise cli.Stop(f'cannot read {_first_bad(source, records_args, expected, name)} '
-                     f'({e.message.splitlines()[0]}): remove or re-encode it, or set '
-                     "--config.data.on_bad_image=skip", cli.EXIT_BAD_INPUT) from None
+      raise cli.Stop(f'cannot read {first_bad(expected)} ({e.message.splitlines()[0]}): remove '
+                     'or re-encode it, or set --config.data.on_bad_image=skip',
+                     cli.EXIT_BAD_INPUT) from None
     index = batch.pop('index')
-    real = np.sort(index[index >= 0])
-    if len(real):
-      bad.add([name(i) for i in sorted(set(range(expected, real[-1] + 1)) - set(real))])
-      expected = real[-1] + 1
+    if 'tries' in batch:
+      tries, candidates = batch.pop('tries'), batch.pop('candidates')
+      bad.add([name(r) for t, c in zip(tries, candidates) for r in c[:t]])
+      expected += len(index)
+    else:
+      real = np.sort(index[index >= 0])
+      if len(real):
+        bad.add([name(i) for i in sorted(set(range(expected, real[-1] + 1)) - set(real))])
+        expected = real[-1] + 1
     yield batch
   if total is not None and expected < total:
     bad.add([name(i) for i in range(expected, total)])
 
 
-def _first_bad(source, records_args, start, name):
-  """The first record from `start` on that does not decode (the error mode's message)."""
-  ds = source.records(*records_args).skip(start)
-  for i, ex in enumerate(ds, start):
+def _first_bad(records, decode, start, name):
+  """The first record of `records` (a dataset of (position, record)) that does not decode."""
+  for i, ex in records:
     try:
-      source.decode(ex['image'])
+      decode(ex['image'])
     except tf.errors.OpError:
       return name(i)
   return f'a record after {name(start)}'
 
 
-def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, process_index=0,
-                  process_count=1, num_views=2, crops_only=False):
-  """`steps` batches of one epoch, from its step `skip_steps` on: dict(view1, view2: float32
-  [B, S, S, 3], label: int32 [B], index: int64 [B]); `num_views=1` gives dict(image, label,
-  index) instead (the linear classifier's training input). `crops_only`: the views are the
-  uint8 random-resized crops and the device does the rest of the recipe (`device_augment`).
-  Unreadable records are dropped ('skip') and made up for from the shard's start, so every
-  process yields `steps` batches whatever it met (no host waits on another)."""
-  source = sources.get(cfg)
-  args = (cfg.train_split, process_index, process_count, _order_seed(seed, epoch))
-  ds = source.records(*args).repeat(2).enumerate().skip(skip_steps * local_batch_size)
-  base_seed = tf.constant([seed, epoch * process_count + process_index], tf.int64)
+def _views_fn(cfg, source, base_seed, num_views, crops_only):
+  """views(position, record): the example's views, drawn from (seed, epoch, position) only."""
   names = ('image',) if num_views == 1 else tuple(f'view{i + 1}' for i in range(num_views))
 
-  def views(i, ex):
-    example_seed = tf.random.experimental.stateless_fold_in(base_seed, i)
+  def views(g, ex):
+    example_seed = tf.random.experimental.stateless_fold_in(base_seed, g)
     seeds = tf.unstack(tf.random.experimental.stateless_split(example_seed, num_views))
     image = source.decode(ex['image'])   # once, for every view
     make = augment.crop_uint8 if crops_only else augment.view
     out = {name: make(image, s, cfg.augment, cfg.image_size) for name, s in zip(names, seeds)}
-    return dict(out, label=ex['label'], index=i)
+    return dict(out, label=ex['label'])
+  return views
 
-  ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE)
-  if cfg.on_bad_image == 'skip':
-    ds = ds.ignore_errors()
-  ds = ds.take((steps - skip_steps) * local_batch_size)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  return _options(ds.prefetch(tf.data.AUTOTUNE)), source, args
+
+def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, process_index=0,
+                  process_count=1, num_views=2, crops_only=False):
+  """`steps` batches of this process's part of one epoch, from its step `skip_steps` on:
+  dict(view1, view2: float32 [B, S, S, 3], label: int32 [B]) plus bookkeeping for `_read`;
+  `num_views=1` gives dict(image, label) instead (the linear classifier's training input).
+  `crops_only`: the views are the uint8 random-resized crops and the device does the rest of the
+  recipe (`device_augment`). Returns (dataset, first_bad, name) (`_read`'s arguments).
+
+  Sources with random access (image folders, synthetic data): the epoch is one permutation of
+  the split seeded by (seed, epoch); its global batch t is positions [t P L, (t + 1) P L), of
+  which process p builds its slice (`global_position`), and the views of position g are drawn
+  from (seed, epoch, g): the global batch, its examples, their order and their views do not depend
+  on the number of processes or devices. An unreadable record ('skip') is replaced by records
+  drawn from (seed, epoch, g) until one reads (`MAX_TRIES`, then a blank example), so the
+  replacement does not depend on the process count either.
+
+  Streaming sources (tfds): each process reads its own shard (`tfds.even_splits`) through its
+  own shuffle buffer, so the global batch depends on the process count. Unreadable records are
+  dropped and made up for from the shard's start.
+
+  Every process yields `steps - skip_steps` batches whatever it met (no host waits on another).
+  """
+  source = sources.get(cfg)
+  lb, split = local_batch_size, cfg.train_split
+  base_seed = tf.constant([seed, epoch], tf.int64)
+  views = _views_fn(cfg, source, base_seed, num_views, crops_only)
+  position = lambda i: global_position(i, lb, process_index, process_count)
+  local = tf.data.Dataset.range(skip_steps * lb, steps * lb)   # this process's examples
+  if source.random_access:
+    images, labels = source.table(split)
+    order = source.order(split, _order_seed(seed, epoch))
+    images_t, labels_t, order_t = (tf.constant(x) for x in (images, labels, order))
+    record = lambda r: dict(image=tf.gather(images_t, r), label=tf.gather(labels_t, r))
+    name = lambda r: source.record_names(split, [r])[0]
+
+    def first_bad(i):
+      ids = (int(order[position(j)]) for j in range(i, steps * lb))
+      return _first_bad(((r, record(r)) for r in ids), source.decode, int(order[position(i)]),
+                        name)
+
+    if not source.can_fail or cfg.on_bad_image != 'skip':
+      ds = local.map(lambda i: dict(views(position(i), record(order_t[position(i)])), index=i),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+      other_seed = tf.random.experimental.stateless_fold_in(base_seed, -1)   # no position's
+
+      def example(i):
+        g = position(i)
+        others = tf.random.stateless_uniform(
+            [MAX_TRIES - 1], tf.random.experimental.stateless_fold_in(other_seed, g),
+            minval=0, maxval=len(labels), dtype=tf.int64)
+        candidates = tf.concat([order_t[g][None], others], 0)
+        tried = tf.data.Dataset.range(MAX_TRIES).map(
+            lambda k: dict(views(g, record(candidates[k])), tries=k)).ignore_errors()
+        blank = {n: tf.zeros(s.shape, s.dtype) for n, s in
+                 tried.element_spec.items() if n != 'tries'}
+        blank = tf.data.Dataset.from_tensors(dict(blank, label=tf.constant(-1, tf.int32),
+                                                  tries=tf.constant(MAX_TRIES, tf.int64)))
+        out = tried.concatenate(blank).take(1).get_single_element()
+        return dict(out, index=i, candidates=candidates)
+      ds = local.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    shard = source.records(split, process_index, process_count, _order_seed(seed, epoch))
+    known = source.names(split, process_index, process_count, _order_seed(seed, epoch))
+    name = lambda i: (known[i % len(known)] if known is not None and len(known) else
+                      f'record {i} of {split!r} (process {process_index})')
+    first_bad = lambda i: _first_bad(shard.repeat(2).enumerate().skip(i), source.decode, i, name)
+    ds = shard.repeat(2).enumerate().skip(skip_steps * lb)
+    ds = ds.map(lambda i, ex: dict(views(position(i), ex), index=i),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    if cfg.on_bad_image == 'skip':
+      ds = ds.ignore_errors()
+    ds = ds.take((steps - skip_steps) * lb)
+  ds = ds.batch(lb, drop_remainder=True)
+  return _options(ds.prefetch(tf.data.AUTOTUNE)), first_bad, name
 
 
 def train_batches(cfg, *, local_batch_size, steps_per_epoch, seed, start_step=0,
                   process_index=0, process_count=1, num_views=2, crops_only=False, bad=None):
-  """Process-local NumPy batches from global step `start_step` on, epoch after epoch.
-  `bad`: a BadImages that counts the unreadable examples met."""
+  """Process-local NumPy batches from global step `start_step` on, epoch after epoch: each
+  process's part of one global batch (`epoch_dataset`). `bad`: a BadImages that counts the
+  unreadable examples met."""
   bad = bad if bad is not None else BadImages()
+  if process_count > 1 and not sources.get(cfg).random_access:
+    logging.warning(
+        "data.source=%r: each of the %d processes reads its own shard through its own shuffle "
+        'buffer, so the global batch depends on the number of processes (with image folders and '
+        'synthetic data it does not).', cfg.source, process_count)
   epoch, skip = divmod(start_step, steps_per_epoch)
   while True:
-    ds, source, args = epoch_dataset(
+    ds, first_bad, name = epoch_dataset(
         cfg, local_batch_size=local_batch_size, steps=steps_per_epoch, seed=seed, epoch=epoch,
         skip_steps=skip, process_index=process_index, process_count=process_count,
         num_views=num_views, crops_only=crops_only)
-    yield from _read(ds, source, args, bad, cfg.on_bad_image, skip * local_batch_size)
+    yield from _read(ds, bad, first_bad, name, skip * local_batch_size)
     epoch, skip = epoch + 1, 0
 
 
@@ -155,6 +245,10 @@ def eval_batches(cfg, split, *, local_batch_size, process_index=0, process_count
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
   ds = ds.take(num_batches * local_batch_size).batch(local_batch_size)
   ds = _options(ds.prefetch(tf.data.AUTOTUNE))
+  known = source.names(*args)
+  name = lambda i: (known[i] if known is not None and len(known) else
+                    f'record {i} of {split!r} (process {process_index})')
+  first_bad = lambda i: _first_bad(source.records(*args).enumerate().skip(i), source.decode, i,
+                                   name)
   shard = len(range(process_index, n, process_count))
-  return _read(ds, source, args, bad if bad is not None else BadImages(), cfg.on_bad_image, 0,
-               total=shard)
+  return _read(ds, bad if bad is not None else BadImages(), first_bad, name, 0, total=shard)

@@ -4,7 +4,10 @@ A source knows its splits, sizes and labels, checks itself before any long work,
 process's shard of a split as records {'image': encoded bytes, a path or uint8 pixels, 'label':
 int32} in an order fixed by a seed (None: the split's own order), the function that decodes
 'image' to uint8 [H, W, 3], and the records' names (for messages about an unreadable one).
-Everything else (views, batches, epochs) is the pipeline's.
+Sources with random access (`random_access`: image folders, synthetic data) also give the whole
+split as arrays (`table`) and one global order of it (`order`), from which every process picks
+its own examples of each global batch (the pipeline's `epoch_dataset`). Everything else (views,
+batches, epochs) is the pipeline's.
 """
 import functools
 import os
@@ -31,6 +34,9 @@ def decode(data):
 
 class DataSource:
   """The interface; subclasses fill it for one kind of data."""
+
+  random_access = False   # True: `table` and `order` (any process reads any record)
+  can_fail = True         # False: no record can be unreadable (pixels held in memory)
 
   def __init__(self, cfg):
     self.cfg = cfg
@@ -61,6 +67,8 @@ class DataSource:
 class _Indexed(DataSource):
   """Sources held as arrays in memory (files or pixels): any order is a NumPy permutation."""
 
+  random_access = True
+
   def _arrays(self, split):
     """(images or paths, int32 labels) of the whole split."""
     raise NotImplementedError
@@ -68,11 +76,20 @@ class _Indexed(DataSource):
   def num_examples(self, split):
     return len(self._arrays(split)[1])
 
-  def _order(self, split, process_index, process_count, seed):
+  def table(self, split):
+    """(images or paths, int32 labels) of the whole split as NumPy arrays, record i at row i."""
+    images, labels = self._arrays(split)
+    return np.asarray(images), np.asarray(labels)
+
+  def order(self, split, seed=None):
+    """The record ids of the whole split in an order fixed by `seed` (None: the split's own)."""
     order = np.arange(self.num_examples(split))
     if seed is not None:
       order = np.random.default_rng(seed).permutation(order)
-    return order[process_index::process_count]
+    return order
+
+  def _order(self, split, process_index, process_count, seed):
+    return self.order(split, seed)[process_index::process_count]
 
   def records(self, split, process_index=0, process_count=1, seed=None):
     images, labels = self._arrays(split)
@@ -84,12 +101,18 @@ class _Indexed(DataSource):
     return self._names(self._arrays(split)[0],
                        self._order(split, process_index, process_count, seed))
 
+  def record_names(self, split, ids):
+    """The names of records `ids` (ids into `table`)."""
+    return self._names(self._arrays(split)[0], np.asarray(ids))
+
   def _names(self, images, order):
     return np.asarray(images)[order]   # file paths
 
 
 class Synthetic(_Indexed):
   """The offline demo's generated shapes (`synthetic.make_shapes`), held in memory."""
+
+  can_fail = False
 
   def check(self):
     if self.cfg.num_train <= 0 or self.cfg.num_eval <= 0:
