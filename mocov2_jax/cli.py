@@ -33,8 +33,13 @@ class Stop(Exception):
 
 
 def _quiet_orbax(record):
-  """Orbax logs every save at INFO; keep its warnings and our own progress lines."""
-  return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
+  """Orbax logs every save at INFO; keep its warnings and our own progress lines, but not the
+  traceback of a save the storage refused (the program says that in one line)."""
+  if '/orbax/' not in record.pathname:
+    return True
+  if record.exc_info and errors.storage_cause(record.exc_info[1]) is not None:
+    return False
+  return record.levelno >= pylogging.WARNING
 
 
 def define_distributed_flags():
@@ -60,8 +65,14 @@ def start():
                jax.device_count(), jax.devices()[0].platform)
 
 
-def fail(message, code=EXIT_BAD_INPUT):
+def fail(message, code=EXIT_BAD_INPUT, now=False):
+  """Prints `program: message` and exits with `code`. `now`: without the interpreter's shutdown,
+  where a failed read or write leaves TensorStore's event loop to print tracebacks at exit."""
   print(f'{epath.Path(sys.argv[0]).stem}: {message}', file=sys.stderr, flush=True)
+  if now:
+    logging.flush()
+    sys.stdout.flush()
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 
@@ -71,7 +82,7 @@ def checked(fn, *args, **kwargs):
   try:
     return fn(*args, **kwargs)
   except (ValueError, FileNotFoundError, ImportError) as e:
-    fail(str(e))
+    fail(str(e), now=isinstance(e, errors.BadInput))
 
 
 def _flat_fields(config, prefix=''):
@@ -150,5 +161,5 @@ def run(main):
     except Stop as e:
       fail(str(e), e.code)
     except tuple(kind for kind, _ in _EXIT_CODES) as e:
-      fail(str(e), next(code for kind, code in _EXIT_CODES if isinstance(e, kind)))
+      fail(str(e), next(code for kind, code in _EXIT_CODES if isinstance(e, kind)), now=True)
   app.run(stoppable, flags_parser=_parse_flags)

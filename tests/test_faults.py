@@ -208,9 +208,12 @@ def test_config_ranges(field, value, message):
 
 def test_every_shipped_config_is_in_range():
   import glob  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,unused-import
+  from mocov2_jax import defaults  # pylint: disable=g-import-not-at-top
   for path in glob.glob(os.path.join(REPO, 'configs', '*.py')):
-    config_check.check(cli._load_config(path))  # pylint: disable=protected-access
+    name = os.path.basename(path)[:-3]
+    rows = getattr(defaults.sibling_config(path, name), 'ROWS', None)
+    for spec in [f'{path}:{row}' for row in rows] if rows else [path]:
+      config_check.check(cli._load_config(spec))  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('program, args, message', [
@@ -233,20 +236,24 @@ def test_bad_command_lines_are_one_line_and_exit_2(tmp_path, program, args, mess
 
 
 def test_no_checkpoint_holds_a_non_finite_value(tmp_path):
-  """The loss lags a step behind, so a save can meet a state that went non-finite in BN
-  statistics (or the queue) before any loss did: the save checks the whole state."""
-  state = {'params': {'w': np.ones(3, np.float32)},
-           'batch_stats': {'var': np.array([1.0, np.inf], np.float32)},
-           'step': np.int32(4)}
-  assert not bool(loop._all_finite(state))   # pylint: disable=protected-access
-  state['batch_stats']['var'][1] = 1.0
-  assert bool(loop._all_finite(state))   # pylint: disable=protected-access
-  with pytest.raises(cli.Stop, match='diverged') as e:
-    train.train_and_evaluate(demo_config(**{'optim.base_lr': 1e5, 'checkpoint_every_steps': 4,
-                                            'log_every_steps': 8}), str(tmp_path))
-  assert e.value.code == cli.EXIT_DIVERGED
-  saved = os.listdir(tmp_path / 'checkpoints') if (tmp_path / 'checkpoints').exists() else []
-  assert all(all_finite(tmp_path / 'checkpoints' / s) for s in saved)
+  """The loss lags a step behind and BN in training uses batch statistics, so the state can go
+  non-finite (here its BN running variances, at step 3) while every loss is finite: the save
+  checks the whole state."""
+  import jax  # pylint: disable=g-import-not-at-top
+  config = demo_config(num_train_steps=4)
+  exp = train.Pretraining(config, train.check(config))
+  step = exp.train_step
+
+  def poisoned(state, batch):
+    state, metrics = step(state, batch)
+    if int(state.step) == 3:
+      state = state.replace(batch_stats=jax.tree.map(lambda x: x * np.inf, state.batch_stats))
+    return state, metrics
+  exp.train_step = poisoned
+  with pytest.raises(cli.Stop, match='diverged at step 4: the train state holds a non-finite'):
+    loop.run(exp, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+  assert all_finite(tmp_path / 'checkpoints' / '2')
 
 
 def test_the_launcher_forwards_sigterm_to_every_worker(tmp_path):
@@ -271,10 +278,69 @@ def test_the_launcher_forwards_sigterm_to_every_worker(tmp_path):
     stops = [l for l in rest.splitlines() if 'preempted at step' in l]
     assert len(stops) == 2 and len({l.split('preempted at step ')[1].split(':')[0]
                                      for l in stops}) == 1, rest[-3000:]
-    left = subprocess.run(['pgrep', '-f', f'--workdir={tmp_path}'], capture_output=True)
+    left = subprocess.run(['pgrep', '-f', '--', f'--workdir={tmp_path}'], capture_output=True)
     assert left.returncode == 1, left.stdout   # no orphaned worker
   finally:
     try:
       os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
       pass
+
+
+def _stub(bin_dir, name, body):
+  path = bin_dir / name
+  path.write_text('#!/usr/bin/env bash\n' + body)
+  path.chmod(0o755)
+
+
+# A stand-in for the trainer: saves on SIGTERM (a second after it) and exits 75, as main does.
+_WORKER = ('echo $$ > "$LOG/worker.pid"\n'
+           'trap \'sleep 1; echo saved >> "$LOG/worker.log"; exit 75\' TERM\n'
+           'echo started >> "$LOG/worker.log"\n'
+           'for i in $(seq 600); do sleep 0.1; done\nexit 0\n')
+
+
+def _signal_when_started(cmd, log, env):
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+  for _ in range(300):
+    if (log / 'worker.log').exists():
+      break
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)   # the script alone, not its process group
+  try:
+    return proc.wait(timeout=60)
+  finally:
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+
+
+def test_slurm_script_forwards_sigterm_and_requeues(tmp_path):
+  bin_dir, log = tmp_path / 'bin', tmp_path / 'log'
+  bin_dir.mkdir()
+  log.mkdir()
+  _stub(bin_dir, 'srun', _WORKER)
+  _stub(bin_dir, 'scontrol', 'echo "$@" >> "$LOG/scontrol.log"\n')
+  env = dict(os.environ, LOG=str(log), SLURM_JOB_ID='42',
+             PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+  code = _signal_when_started(['bash', 'launch/slurm.sbatch', '--workdir=x'], log, env)
+  assert code == cli.EXIT_PREEMPTED
+  assert (log / 'worker.log').read_text().split() == ['started', 'saved']
+  assert (log / 'scontrol.log').read_text().split() == ['requeue', '42']
+
+
+def test_tpu_pod_script_forwards_sigterm_to_the_workers_and_stops(tmp_path):
+  bin_dir, log = tmp_path / 'bin', tmp_path / 'log'
+  bin_dir.mkdir()
+  log.mkdir()
+  # gcloud ssh: the training command runs the stand-in; the forwarded pkill signals it.
+  _stub(bin_dir, 'gcloud', 'case "$*" in\n'
+        '  *pkill*) echo "$@" >> "$LOG/forwarded.log"; kill -TERM "$(cat "$LOG/worker.pid")";;\n'
+        '  *) ' + _WORKER.replace('\n', '\n     ') + ';;\nesac\n')
+  env = dict(os.environ, LOG=str(log), PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+  code = _signal_when_started(['bash', 'launch/tpu_pod.sh', 'tpu', 'zone', '--workdir=x'], log,
+                              env)
+  assert code == cli.EXIT_PREEMPTED   # the workers' code, and no restart after a signal here
+  assert (log / 'worker.log').read_text().split() == ['started', 'saved']
+  assert '-TERM' in (log / 'forwarded.log').read_text()
