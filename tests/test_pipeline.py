@@ -234,7 +234,9 @@ def tfds_dir(tmp_path_factory):
   return str(data_dir)
 
 
-def test_tfds_shards_are_disjoint_and_cover(tfds_dir):
+def test_tfds_shards_are_disjoint_and_cover(tfds_dir, caplog):
+  """tfds streams: each process reads its own shard (so the global batch depends on the process
+  count, which the log says)."""
   cfg = config(source='tfds', name='moco_test_images', data_dir=tfds_dir,
                augment=plain_recipe())
   pipeline.check_data(cfg)
@@ -251,6 +253,7 @@ def test_tfds_shards_are_disjoint_and_cover(tfds_dir):
     seen_eval.append(set(np.array(ids(np.concatenate([b['image'] for b in ev])))[mask == 1]))
   assert not seen[0] & seen[1]
   assert not seen_eval[0] & seen_eval[1] and seen_eval[0] | seen_eval[1] == set(range(1, 12))
+  assert 'the global batch depends on the number of processes' in caplog.text
 
 
 # ---- check_data: errors that say what to change ----
