@@ -140,10 +140,21 @@ class Pretraining(loop.Experiment):
                  cfg.method, self.steps_per_epoch, self.total_steps, cfg.num_epochs,
                  jax.device_count(), cfg.optim.optimizer,
                  optim.learning_rate(cfg.optim, cfg.batch_size))
+    # The pipeline builds rows [k L, (k + 1) L) of each global batch: k is the block of rows
+    # this process's devices hold (process_index on a mesh that lists devices process by process).
+    local = cfg.batch_size // jax.process_count()
+    rows = [i[0] for i in self.batch_sharding.addressable_devices_indices_map(
+        (cfg.batch_size,)).values()]
+    first, last = min(r.start or 0 for r in rows), max(r.stop or cfg.batch_size for r in rows)
+    block = first // local
+    if last - first != local:
+      block = jax.process_index()
+      logging.warning('The devices of process %d hold rows %s of the global batch, not one block: '
+                      'the batch then depends on the number of processes.', block, rows)
     stream = pipeline.train_batches(
-        cfg.data, local_batch_size=cfg.batch_size // jax.process_count(),
+        cfg.data, local_batch_size=local,
         steps_per_epoch=self.steps_per_epoch, seed=cfg.seed, start_step=start_step,
-        process_index=jax.process_index(), process_count=jax.process_count(),
+        process_index=block, process_count=jax.process_count(),
         crops_only=methods.is_device_augmented(cfg), bad=self.bad)
     views = ({'view1': b['view1'], 'view2': b['view2']} for b in stream)
     return loop.prefetch(views, self.batch_sharding)
