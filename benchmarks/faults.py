@@ -51,15 +51,24 @@ def fresh(base, trained, name):
   return workdir
 
 
-def row(fault, result, left=''):
+def row(fault, result, left='', show=None):
+  """A table row: exit code, tracebacks, time and the last line of stderr (or, with `show`,
+  the last line containing it, past the log's prefix)."""
   code, stderr, seconds = result
-  lines = [l for l in stderr.strip().splitlines() if l.strip()]
+  lines = [l for l in stderr.strip().splitlines() if l.strip() and (show is None or show in l)]
   last = lines[-1] if lines else ''
+  if show is not None and '] ' in last:
+    last = last.split('] ', 1)[1]
   if len(last) > 160:
     last = last[:157] + '...'
   tracebacks = stderr.count('Traceback (most recent call last)')
   return (f'| {fault} | {code} | {tracebacks} | {seconds:.0f} s | `{last}`'
           + (f' {left}' if left else '') + ' |')
+
+
+def _last(stderr, text):
+  lines = [l for l in stderr.splitlines() if text in l]
+  return (lines[-1].split('] ', 1)[-1] if lines else '')[:80]
 
 
 def image_folder(root, link_loop=False, text_as_jpg=None):
@@ -91,12 +100,14 @@ def main():
   cut(largest_file(os.path.join(w, 'checkpoints', '8')))
   r = main_run(w, '--config.num_epochs=3')
   rows.append(row('newest checkpoint damaged (largest data file cut in half)', r,
-                  f'(left: {sorted(os.listdir(os.path.join(w, "checkpoints")))})'))
+                  f'(exit {r[0]}, resumed; left: '
+                  f'{sorted(os.listdir(os.path.join(w, "checkpoints")))})', show='cannot be read'))
 
   w = fresh(base, trained, 'cut_metadata')
   cut(os.path.join(w, 'checkpoints', '8', 'default', '_METADATA'))
   r = main_run(w, '--config.num_epochs=3')
-  rows.append(row("newest checkpoint's `_METADATA` cut in half", r))
+  rows.append(row("newest checkpoint's `_METADATA` cut in half", r, f'(exit {r[0]}, resumed)',
+                  show='cannot be read'))
 
   w = fresh(base, trained, 'all_cut')
   for s in ('4', '6', '8'):
@@ -153,7 +164,8 @@ def main():
                '--config.data.num_train=0', '--config.data.num_eval=0', '--config.batch_size=8',
                '--config.moco.queue_size=32', '--config.moco.bn_groups=2',
                '--config.num_train_steps=2')
-  rows.append(row('a symlink `train/a/loop -> ..` in an image folder (40 images)', r))
+  rows.append(row('a symlink `train/a/loop -> ..` in an image folder (40 images)', r,
+                  show='Skipped the folder'))
 
   for name in ('aaa.jpg', 'zzz.jpg'):
     folder = os.path.join(base, f'text_{name}')
@@ -162,12 +174,16 @@ def main():
                  f'--config.data.folder={folder}', '--config.data.num_train=0',
                  '--config.data.num_eval=0', '--config.batch_size=8',
                  '--config.moco.queue_size=32', '--config.moco.bn_groups=2')
-    rows.append(row(f'a text file named `{name}` in a folder (2 epochs)', r))
+    rows.append(row(f'a text file named `{name}` in a folder (2 epochs)', r,
+                    f'(exit {r[0]}; last log: `{_last(r[1], "bad_images=")}`)',
+                    show='Cannot decode'))
 
-  w = os.path.join(base, 'diverge')
-  r = main_run(w, '--config.optim.base_lr=1e5', '--config.checkpoint_every_steps=4')
-  rows.append(row('divergence, `base_lr=1e5`, checkpoints every 4 steps', r,
-                  f'(checkpoints left: {sorted(os.listdir(os.path.join(w, "checkpoints")))}'
+  w = os.path.join(base, 'diverge')   # the demo at its own size (the tests' size does not)
+  r = program('main', f'--config={REPO}/configs/demo.py', f'--workdir={w}',
+              '--config.optim.base_lr=1e5', '--config.checkpoint_every_steps=4',
+              '--config.num_train_steps=32', '--config.knn.every_epochs=0')
+  rows.append(row('divergence, demo, `base_lr=1e5`, checkpoints every 4 steps', r,
+                  f'(checkpoints left: {sorted(os.listdir(os.path.join(w, "checkpoints")))})'
                   if os.path.isdir(os.path.join(w, 'checkpoints')) else '(no checkpoint)'))
 
   w = fresh(base, trained, 'linear_cut')

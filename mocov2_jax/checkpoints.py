@@ -74,6 +74,9 @@ def save(mgr, state, *, force=False):
     if cause is None:
       raise
     where = epath.Path(mgr.directory) / str(step)
+    if jax.process_index() == 0:   # the partial write of this step, never a checkpoint: its
+      for partial in where.parent.glob(f'{step}.orbax-checkpoint-tmp*'):   # room back
+        partial.rmtree(missing_ok=True)
     kept = [s for s in mgr.all_steps() if s != step]
     raise errors.CannotWrite(
         f'cannot save checkpoint {where}: {cause.strerror}. '

@@ -11,6 +11,7 @@ import importlib.util
 import logging as pylogging
 import os
 import sys
+import threading
 
 from absl import app, flags, logging
 from etils import epath
@@ -40,6 +41,18 @@ def _quiet_orbax(record):
   if record.exc_info and errors.storage_cause(record.exc_info[1]) is not None:
     return False
   return record.levelno >= pylogging.WARNING
+
+
+def _benign(exc):
+  """TensorStore's callbacks into an asyncio loop orbax has closed, after a failed read or
+  write: nothing is lost, and the program has said what failed in one line."""
+  return isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+
+
+def _quiet_closed_loops():
+  thread_hook, unraisable_hook = threading.excepthook, sys.unraisablehook
+  threading.excepthook = lambda a: None if _benign(a.exc_value) else thread_hook(a)
+  sys.unraisablehook = lambda u: None if _benign(u.exc_value) else unraisable_hook(u)
 
 
 def define_distributed_flags():
@@ -155,6 +168,8 @@ def _parse_flags(argv):
 def run(main):
   """app.run(main); a run stopped by the loop (preempted, diverged) or by an `errors` kind ends
   with its line and code."""
+  _quiet_closed_loops()
+
   def stoppable(argv):
     try:
       return main(argv)

@@ -115,7 +115,7 @@ def _mount_tmpfs(where, size):
 
 def test_a_full_disk_stops_in_one_line_keeps_the_checkpoints_and_resumes(trained, tmp_path):
   disk = tmp_path / 'disk'
-  _mount_tmpfs(disk, '8m')
+  _mount_tmpfs(disk, '16m')
   try:
     workdir = disk / 'w'
     shutil.copytree(trained, workdir, ignore=shutil.ignore_patterns('events.*'))
@@ -128,6 +128,7 @@ def test_a_full_disk_stops_in_one_line_keeps_the_checkpoints_and_resumes(trained
     last = _one_line_error(result)
     assert 'No space left on device' in last and 'checkpoints/8' in last, last
     assert 'intact (latest: step 6)' in last and 'run the same command' in last
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['6']   # no partial step left
     assert all_finite(workdir / 'checkpoints' / '6')
     (disk / 'filler').unlink()
     results = train.train_and_evaluate(demo_config(num_epochs=3), str(workdir))
