@@ -50,6 +50,16 @@ def _options(ds):
   return ds.with_options(options)
 
 
+def _inline(ds):
+  """A dataset run inside another's map function: no threads, buffers or tuning of its own."""
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  options.experimental_optimization.apply_default_optimizations = False
+  options.experimental_optimization.inject_prefetch = False
+  options.threading.private_threadpool_size = 1
+  return ds.with_options(options)
+
+
 def _order_seed(seed, epoch):
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)
 
@@ -67,14 +77,13 @@ def global_position(i, local_batch_size, process_index, process_count):
   return (i // lb) * (lb * process_count) + process_index * lb + i % lb
 
 
-def _read(ds, bad, first_bad, name, start, total=None):
-  """NumPy batches of `ds` minus their bookkeeping, with the unreadable records they met added
-  to `bad`; in 'error' mode the first one stops the run, named by `first_bad(i)` (the first
-  unreadable record from the stream's i-th on). Two bookkeepings: 'index' (the stream's position
-  of each example: positions missing from the batches were unreadable records, `name(i)`), and
-  where records are tried in turn ('tries', 'candidates': the records tried, in order, for each
-  example) the first `tries` candidates, which failed (`name` of a record id). `total`: the
-  stream's length (its missing last positions count too)."""
+def _read(ds, bad, first_bad, name, start, total=None, holes=True):
+  """NumPy batches of `ds` minus 'index' (the stream's position of each example), with the
+  unreadable records they met added to `bad`: the positions missing from the batches, `name(i)`
+  (`holes=False`: the batches are given on with their 'index', for `_filled`). In 'error' mode
+  the first unreadable record stops the run, named by `first_bad(i)` (the first one from the
+  stream's i-th record on). `total`: the stream's length (its missing last positions count too).
+  """
   expected, it = start, ds.as_numpy_iterator()
   while True:
     try:
@@ -85,19 +94,51 @@ def _read(ds, bad, first_bad, name, start, total=None):
       raise cli.Stop(f'cannot read {first_bad(expected)} ({e.message.splitlines()[0]}): remove '
                      'or re-encode it, or set --config.data.on_bad_image=skip',
                      cli.EXIT_BAD_INPUT) from None
+    if not holes:
+      yield batch
+      continue
     index = batch.pop('index')
-    if 'tries' in batch:
-      tries, candidates = batch.pop('tries'), batch.pop('candidates')
-      bad.add([name(r) for t, c in zip(tries, candidates) for r in c[:t]])
-      expected += len(index)
-    else:
-      real = np.sort(index[index >= 0])
-      if len(real):
-        bad.add([name(i) for i in sorted(set(range(expected, real[-1] + 1)) - set(real))])
-        expected = real[-1] + 1
+    real = np.sort(index[index >= 0])
+    if len(real):
+      bad.add([name(i) for i in sorted(set(range(expected, real[-1] + 1)) - set(real))])
+      expected = real[-1] + 1
     yield batch
   if total is not None and expected < total:
     bad.add([name(i) for i in range(expected, total)])
+
+
+def _filled(batches, bad, name, replacement, size, start, stop):
+  """Batches of `size` examples for the positions [start, stop) from `batches` (the readable
+  ones, in order, as `_read` gives them: the 'index' of each row kept), each missing position
+  filled with `replacement(i)` and its unreadable records added to `bad`."""
+  rows, done = None, False
+  for t in range(start, stop, size):
+    while not done and (rows is None or not len(rows['index']) or
+                        rows['index'][-1] < t + size - 1):
+      batch = next(batches, None)
+      if batch is None:
+        done = True
+      elif rows is None:
+        rows = batch
+      else:
+        rows = {k: np.concatenate([rows[k], batch[k]]) for k in rows}
+    have = rows['index'] if rows is not None else np.zeros([0], np.int64)
+    take = (have >= t) & (have < t + size)
+    if take.sum() == size:
+      out = {k: v[take] for k, v in rows.items()}
+    else:   # unreadable records: their positions get replacements
+      parts = {int(i): {k: v[j] for k, v in rows.items()} for j, i in enumerate(have) if take[j]}
+      for i in range(t, t + size):
+        if i not in parts:
+          new = {k: v.numpy() for k, v in replacement(tf.constant(i, tf.int64)).items()}
+          tries, candidates = int(new.pop('tries')), new.pop('candidates')
+          bad.add([name(int(r)) for r in candidates[:tries]])
+          parts[i] = new
+      out = {k: np.stack([parts[i][k] for i in range(t, t + size)]) for k in parts[t]}
+    if rows is not None:
+      rows = {k: v[have >= t + size] for k, v in rows.items()}
+    out.pop('index')
+    yield out
 
 
 def _first_bad(records, decode, start, name):
@@ -130,7 +171,9 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
   dict(view1, view2: float32 [B, S, S, 3], label: int32 [B]) plus bookkeeping for `_read`;
   `num_views=1` gives dict(image, label) instead (the linear classifier's training input).
   `crops_only`: the views are the uint8 random-resized crops and the device does the rest of the
-  recipe (`device_augment`). Returns (dataset, first_bad, name) (`_read`'s arguments).
+  recipe (`device_augment`). Returns (dataset, first_bad, name, fill): `_read`'s arguments and
+  None, or `_filled`'s (the dataset then holds the readable examples only, in batches of up to
+  `local_batch_size`, and `_filled` puts the replacements of unreadable ones in their places).
 
   Sources with random access (image folders, synthetic data): the epoch is one permutation of
   the split seeded by (seed, epoch); its global batch t is positions [t P L, (t + 1) P L), of
@@ -138,7 +181,8 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
   from (seed, epoch, g): the global batch, its examples, their order and their views do not depend
   on the number of processes or devices. An unreadable record ('skip') is replaced by records
   drawn from (seed, epoch, g) until one reads (`MAX_TRIES`, then a blank example), so the
-  replacement does not depend on the process count either.
+  replacement does not depend on the process count either (readable records take tf.data's
+  parallel path; only the rare replacement runs on its own).
 
   Streaming sources (tfds): each process reads its own shard (`tfds.even_splits`) through its
   own shuffle buffer, so the global batch depends on the process count. Unreadable records are
@@ -164,13 +208,15 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
       return _first_bad(((r, record(r)) for r in ids), source.decode, int(order[position(i)]),
                         name)
 
-    if not source.can_fail or cfg.on_bad_image != 'skip':
-      ds = local.map(lambda i: dict(views(position(i), record(order_t[position(i)])), index=i),
-                     num_parallel_calls=tf.data.AUTOTUNE)
-    else:
+    ds = local.map(lambda i: dict(views(position(i), record(order_t[position(i)])), index=i),
+                   num_parallel_calls=tf.data.AUTOTUNE)
+    if source.can_fail and cfg.on_bad_image == 'skip':
       other_seed = tf.random.experimental.stateless_fold_in(base_seed, -1)   # no position's
 
-      def example(i):
+      @tf.function
+      def replacement(i):
+        """Position i's example when its record is unreadable: records drawn from (seed, epoch,
+        position) are tried in turn, then a blank example fills it (`_read` names them)."""
         g = position(i)
         others = tf.random.stateless_uniform(
             [MAX_TRIES - 1], tf.random.experimental.stateless_fold_in(other_seed, g),
@@ -182,9 +228,12 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
                  tried.element_spec.items() if n != 'tries'}
         blank = tf.data.Dataset.from_tensors(dict(blank, label=tf.constant(-1, tf.int32),
                                                   tries=tf.constant(MAX_TRIES, tf.int64)))
-        out = tried.concatenate(blank).take(1).get_single_element()
+        out = _inline(tried.concatenate(blank).take(1)).get_single_element()
         return dict(out, index=i, candidates=candidates)
-      ds = local.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+      # The readable records take the fast path; `_read` fills the positions of unreadable ones.
+      ds = _options(ds.ignore_errors().batch(lb).prefetch(tf.data.AUTOTUNE))
+      fill = (replacement, lb, skip_steps * lb, steps * lb)
+      return ds, first_bad, name, fill
   else:
     shard = source.records(split, process_index, process_count, _order_seed(seed, epoch))
     known = source.names(split, process_index, process_count, _order_seed(seed, epoch))
@@ -198,7 +247,7 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
       ds = ds.ignore_errors()
     ds = ds.take((steps - skip_steps) * lb)
   ds = ds.batch(lb, drop_remainder=True)
-  return _options(ds.prefetch(tf.data.AUTOTUNE)), first_bad, name
+  return _options(ds.prefetch(tf.data.AUTOTUNE)), first_bad, name, None
 
 
 def train_batches(cfg, *, local_batch_size, steps_per_epoch, seed, start_step=0,
@@ -214,11 +263,12 @@ def train_batches(cfg, *, local_batch_size, steps_per_epoch, seed, start_step=0,
         'synthetic data it does not).', cfg.source, process_count)
   epoch, skip = divmod(start_step, steps_per_epoch)
   while True:
-    ds, first_bad, name = epoch_dataset(
+    ds, first_bad, name, fill = epoch_dataset(
         cfg, local_batch_size=local_batch_size, steps=steps_per_epoch, seed=seed, epoch=epoch,
         skip_steps=skip, process_index=process_index, process_count=process_count,
         num_views=num_views, crops_only=crops_only)
-    yield from _read(ds, bad, first_bad, name, skip * local_batch_size)
+    batches = _read(ds, bad, first_bad, name, skip * local_batch_size, holes=fill is None)
+    yield from (batches if fill is None else _filled(batches, bad, name, *fill))
     epoch, skip = epoch + 1, 0
 
 
