@@ -27,8 +27,10 @@ def main(argv):
   results = train.train_and_evaluate(config, workdir, steps_per_epoch)
   if results.get('knn_top1') is not None:
     init = results.get('knn_top1_init')
-    print(f'kNN top-1 (k={config.knn.k}, {config.knn.feature}): {results["knn_top1"]:.2f}%'
-          + (f'  (same encoder at random init: {init:.2f}%)' if init is not None else ''))
+    final = results['knn_top1']
+    print(f'kNN top-1 (k={config.knn.k}, {config.knn.feature}): {final:.2f}%'
+          + (f'  (same encoder at random init: {init:.2f}%, {final - init:+.1f} points)'
+             if init is not None else ''))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """The program end to end: a few steps, a checkpoint, a resume; bad input fails at start."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -32,6 +33,7 @@ def test_runs_checkpoints_and_resumes(tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
   assert json.load(open(tmp_path / 'results.json'))['step'] == 3
   assert 'kNN top-1 (k=200, backbone)' in first.stdout and 'random init' in first.stdout
+  assert re.search(r'random init: [0-9.]+%, [+-][0-9.]+ points\)', first.stdout), first.stdout
 
   assert not os.path.exists(tmp_path / 'plugins')  # no profile unless asked for
 
