@@ -57,6 +57,9 @@ class Experiment:
     log step, everything is kept in results.json."""
     return {}
 
+  def resume(self, results):
+    """Called on a resumed run with the results.json it wrote (e.g. tallies to continue)."""
+
   def first_batch_images(self, batch) -> dict:
     """{name: [1, H, W, C]} images summarised once (e.g. augmented pairs); {} for none."""
     return {}
@@ -163,6 +166,8 @@ def _run(exp, workdir):
   writer = metric_writers.create_default_writer(str(workdir), just_logging=not lead)
   start = int(state.step)
   results = checkpoints.read_results(workdir) if start > 0 else {}
+  if start > 0:
+    exp.resume(results)
 
   def evaluate(step):
     scores = exp.evaluate(state, step, results)
@@ -177,6 +182,10 @@ def _run(exp, workdir):
                  'checkpoint of it was written; the latest checkpoint is the last good one. '
                  'Lower the learning rate and start again.', EXIT_DIVERGED)
     checkpoints.save(mgr, state, force=force)
+    summary = exp.summary()   # every process: it may be a collective
+    if lead:   # the tallies of the saved step, for a run that resumes from it
+      results.update(summary)
+      checkpoints.write_results(workdir, results)
 
   progress = periodic_actions.ReportProgress(
       num_train_steps=exp.total_steps, writer=writer if lead else None,

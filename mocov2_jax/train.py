@@ -186,8 +186,12 @@ class Pretraining(loop.Experiment):
 
   def summary(self):
     """The unreadable images met by every process (the loop calls this on all of them)."""
-    count, names = bad_images.over_processes(self.bad)
-    return dict(bad_images=count, bad_image_names=names)
+    count, names, digests = bad_images.over_processes(self.bad)
+    return dict(bad_images=count, bad_image_names=names,
+                bad_image_digests=[list(d) for d in digests])
+
+  def resume(self, results):
+    self.bad.restore(results.get('bad_image_names', []), results.get('bad_image_digests', []))
 
   def first_batch_images(self, batch):
     n = self.config.num_summary_pairs

@@ -345,3 +345,20 @@ def test_tpu_pod_script_forwards_sigterm_to_the_workers_and_stops(tmp_path):
   assert code == cli.EXIT_PREEMPTED   # the workers' code, and no restart after a signal here
   assert (log / 'worker.log').read_text().split() == ['started', 'saved']
   assert '-TERM' in (log / 'forwarded.log').read_text()
+
+
+def test_bad_images_are_counted_once_across_a_resume(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for c, colour in (('a', (200, 0, 0)), ('b', (0, 0, 200))):
+    (tmp_path / 'images' / 'train' / c).mkdir(parents=True)
+    for i in range(8):
+      Image.new('RGB', (16, 16), colour).save(tmp_path / 'images' / 'train' / c / f'{i}.png')
+  (tmp_path / 'images' / 'train' / 'a' / 'text.jpg').write_text('not an image')
+  changes = {'data.source': 'folder', 'data.folder': str(tmp_path / 'images'),
+             'data.eval_split': 'train', 'data.num_train': 0, 'data.num_eval': 0,
+             'batch_size': 8, 'moco.queue_size': 32, 'moco.bn_groups': 2}
+  first = train.train_and_evaluate(demo_config(num_train_steps=2, **changes),
+                                   str(tmp_path / 'w'))   # epoch 0 (17 images: 2 steps)
+  assert first['bad_images'] == 1 and first['bad_image_names'][0].endswith('text.jpg')
+  again = train.train_and_evaluate(demo_config(**changes), str(tmp_path / 'w'))   # epoch 1
+  assert again['step'] == 4 and again['bad_images'] == 1, again['bad_image_names']

@@ -12,38 +12,47 @@ class BadImages:
   """Unreadable examples met so far (`data.on_bad_image='skip'`): counted, the first few named."""
 
   def __init__(self):
-    self.count, self.names, self._seen = 0, [], set()
+    self.count, self.names, self._seen = 0, [], set()   # _seen: the names' 64-bit digests
 
   def add(self, names):
     """Counts each example once, however many epochs meet it."""
     for name in names:
-      if name in self._seen:
+      digest = _digest(name)
+      if digest in self._seen:
         continue
-      self._seen.add(name)
+      self._seen.add(digest)
       self.count += 1
       if len(self.names) < MAX_NAMED:
         self.names.append(name)
         logging.warning('Skipped an unreadable image: %s (%d so far)', name, self.count)
 
 
-def _digest(name) -> np.ndarray:
+  def restore(self, names, digests):
+    """A resumed run's tally, from what results.json kept (`over_processes`): the examples met
+    before the stop are not counted again."""
+    self._seen = {tuple(int(x) for x in d) for d in digests}
+    self.count, self.names = len(self._seen), list(names)[:MAX_NAMED]
+
+
+def _digest(name) -> tuple:
   """A name as 2 int32 (64 bits of its BLAKE2b hash)."""
-  return np.frombuffer(hashlib.blake2b(str(name).encode(), digest_size=8).digest(), np.int32)
+  return tuple(np.frombuffer(hashlib.blake2b(str(name).encode(), digest_size=8).digest(),
+                             np.int32).tolist())
 
 
 def over_processes(bad: BadImages):
-  """(count, names) of every process's `bad` together: each unreadable example counted once,
-  whichever processes met it, and the first MAX_NAMED names in process order. A collective:
+  """(count, names, digests) of every process's `bad` together: each unreadable example counted
+  once, whichever processes met it, and the first MAX_NAMED names in process order. A collective:
   every process must call it at the same point."""
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
-    return bad.count, list(bad.names)
+    return bad.count, list(bad.names), sorted(bad._seen)   # pylint: disable=protected-access
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   gather = multihost_utils.process_allgather
   longest = max(1, int(np.max(gather(np.int32(len(bad._seen))))))
   digests = np.zeros((longest, 3), np.int32)   # (met, 64-bit hash) rows
-  for i, name in enumerate(sorted(bad._seen)):
-    digests[i] = (1, *_digest(name))
+  for i, digest in enumerate(sorted(bad._seen)):
+    digests[i] = (1, *digest)
   names = np.zeros((MAX_NAMED, NAME_BYTES), np.uint8)
   for i, name in enumerate(bad.names[:MAX_NAMED]):
     data = str(name).encode()[:NAME_BYTES]
@@ -55,4 +64,4 @@ def over_processes(bad: BadImages):
     name = bytes(row).rstrip(b'\0').decode(errors='replace')
     if name and name not in pooled:
       pooled.append(name)
-  return len(met), pooled[:MAX_NAMED]
+  return len(met), pooled[:MAX_NAMED], sorted(met)
