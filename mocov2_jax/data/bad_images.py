@@ -58,7 +58,7 @@ def over_processes(bad: BadImages):
     data = str(name).encode()[:NAME_BYTES]
     names[i, :len(data)] = np.frombuffer(data, np.uint8)
   digests, names = (np.asarray(x) for x in gather((digests, names)))
-  met = {tuple(row[1:]) for row in digests.reshape(-1, 3) if row[0]}
+  met = {tuple(int(x) for x in row[1:]) for row in digests.reshape(-1, 3) if row[0]}   # JSON
   pooled = []
   for row in names.reshape(-1, NAME_BYTES):
     name = bytes(row).rstrip(b'\0').decode(errors='replace')
