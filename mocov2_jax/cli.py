@@ -7,7 +7,6 @@ written (disk full, permissions; earlier checkpoints intact); 75 preempted by SI
 interrupted by SIGINT (the current step was saved).
 """
 import difflib
-import importlib.util
 import logging as pylogging
 import os
 import sys
@@ -109,11 +108,9 @@ def _flat_fields(config, prefix=''):
 
 def _load_config(spec):
   """The ConfigDict of `path[:arg]`, as config_flags loads it."""
+  from mocov2_jax import defaults  # pylint: disable=g-import-not-at-top
   path, *args = spec.split(':', 1)
-  module_spec = importlib.util.spec_from_file_location('mocov2_jax_cli_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(*args)
+  return defaults.sibling_config(path, epath.Path(path).stem).get_config(*args)
 
 
 def check_config_overrides(default=None, argv=None):
