@@ -27,7 +27,6 @@ import argparse
 import atexit
 import json
 import os
-import re
 import resource
 import shutil
 import subprocess
@@ -40,13 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mocov2_jax import defaults, methods, optim  # noqa: E402  pylint: disable=g-import-not-at-top
+from mocov2_jax import defaults, methods, optim, xla_stats  # noqa: E402  pylint: disable=g-import-not-at-top
 from mocov2_jax.data import device_augment  # noqa: E402  pylint: disable=g-import-not-at-top
 
 VIEWS = ('view1', 'view2')
-COLLECTIVES = ('all-gather', 'all-reduce', 'all-to-all', 'collective-permute', 'reduce-scatter')
-ITEMSIZE = dict(pred=1, s8=1, u8=1, s16=2, u16=2, f16=2, bf16=2, s32=4, u32=4, f32=4, s64=8,
-                u64=8, f64=8)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,12 +54,6 @@ def make_config(args, augment_on='device', dtype=None):
   c.model.update(arch=args.arch, width=args.width, dtype=dtype or args.dtype)
   c.data.update(image_size=args.image_size, augment_on=augment_on)
   return c
-
-
-def mesh_shardings(devices):
-  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
-  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
 
 
 def view_spec(args, augment_on, sharding):
@@ -83,19 +73,13 @@ def synthetic_views(args, augment_on, seed=0):
 
 def compile_step(config, args, devices):
   """(the compiled step, a fresh state for it on `devices`, the batch sharding)."""
-  repl, data = mesh_shardings(devices)
+  _, repl, data = methods.mesh_and_shardings(devices)
   sched = optim.schedule(config.optim, config.batch_size, 1000, config.num_epochs)
   model = methods.create_model(config)
   state = jax.device_put(methods.create_train_state(jax.random.PRNGKey(0), config, model, sched,
                                                     args.image_size), repl)
   step = methods.jit_train_step(config, sched, repl, data)
   return step.lower(state, view_spec(args, config.data.augment_on, data)).compile(), state, data
-
-
-def flops(compiled):
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', float('nan')))
 
 
 def timed(fn, reps, warmup=1):
@@ -200,30 +184,6 @@ def end_to_end(args, data_cfg, augment_on, step, steps):
 # ------------------------------------------------------------------------------------------------
 # Compiled step: collectives (8 fake CPU devices, in a subprocess), FLOPs, memory
 
-def hlo_collectives(hlo_text, image_size):
-  """Bytes per device of the collectives of an SPMD-partitioned HLO module, by kind: 'views'
-  (an image batch [n, S, S, 3]: the key shuffle), 'all-reduce' (gradients, metrics) and
-  'other'. An op counts its per-device result (an all-gather's output, an all-reduce's buffers;
-  an async start's result, which holds its operand too)."""
-  op_re = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
-  shape_re = re.compile(r'\b(' + '|'.join(ITEMSIZE) + r')\[([\d,]*)\]')
-  out = {'views': 0, 'all-reduce': 0, 'other': 0}
-  for line in hlo_text.splitlines():
-    match = op_re.search(line)
-    if not match:
-      continue
-    shapes = [(t, [int(d) for d in dims.split(',') if d])
-              for t, dims in shape_re.findall(match.group(1))]
-    nbytes = sum(int(np.prod(dims)) * ITEMSIZE[t] for t, dims in shapes)
-    if any(dims[1:] == [image_size, image_size, 3] for _, dims in shapes):
-      out['views'] += nbytes
-    elif match.group(2) == 'all-reduce':
-      out['all-reduce'] += nbytes
-    else:
-      out['other'] += nbytes
-  return out
-
-
 def collectives_part(args):
   """Runs in the 8-device subprocess: collective bytes of host- and device-augmented steps."""
   devices = jax.devices()
@@ -231,7 +191,7 @@ def collectives_part(args):
   out = {}
   for augment_on in ('host', 'device'):
     compiled, _, _ = compile_step(make_config(args, augment_on, 'float32'), args, devices)
-    out[augment_on] = hlo_collectives(compiled.as_text(), args.image_size)
+    out[augment_on] = xla_stats.collectives(compiled.as_text(), args.image_size)
   print(json.dumps(out))
 
 
@@ -254,7 +214,7 @@ def forward_flops(config, args):
       jax.random.PRNGKey(0), jnp.zeros((2 * methods.bn_groups(config),) + x.shape[1:]),
       train=False))
   fwd = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))
-  return flops(fwd.lower(variables, x).compile())
+  return xla_stats.cost(fwd.lower(variables, x).compile())['flops']
 
 
 def saved_activations(config, args):
@@ -352,14 +312,14 @@ def main():
   aug = jax.jit(lambda x: [device_augment.augment_batch(x, k, recipe) for k in keys])
   aug_s = timed(lambda: jax.block_until_ready(aug(crops)), args.steps)
   rows['device augmentation (ms / image, both views)'] = (None, aug_s / args.batch * 1e3, '.3f')
-  aug_flops = flops(aug.lower(crops).compile()) / args.batch
+  aug_flops = xla_stats.cost(aug.lower(crops).compile())['flops'] / args.batch
 
   step_rate, step_flops, h2d, steps = {}, {}, {}, {}
   for augment_on in ('host', 'device'):
     say(f'train step ({augment_on} augmentation) ...')
     steps[augment_on] = compile_step(make_config(args, augment_on), args, devices)
     compiled, state, data = steps[augment_on]
-    step_flops[augment_on] = flops(compiled) / args.batch
+    step_flops[augment_on] = xla_stats.cost(compiled)['flops'] / args.batch
     batch = jax.device_put(synthetic_views(args, augment_on), data)
     h2d[augment_on] = sum(v.nbytes for v in batch.values()) / args.batch
     holder = [state]

@@ -5,6 +5,8 @@ its pooled features is trained with SGD on random-resized-crop + flip views. Fas
 centre-crop features are extracted once and linear layers are trained on them, one per learning
 rate of `sweep_lrs` in the same pass; the lr is chosen on a held-out part of train, never test.
 """
+import functools
+
 import flax
 import flax.linen as nn
 import jax
@@ -194,6 +196,24 @@ def accuracy(logits_fn, params, frozen, batches, to_device):
   return 100.0 * hits1 / count, 100.0 * hits5 / count
 
 
+def train_step(state, frozen, batch, *, features, lrs, protocol_lr, lr_schedule):
+  """One SGD step of every linear head on the frozen `features(frozen, batch['x'])`; the metrics
+  are the protocol lr's head's."""
+  h = features(frozen, batch['x'])
+
+  def loss_fn(params):
+    logits = state.apply_fn({'params': params}, h)
+    losses = jax.vmap(lambda z: optax.softmax_cross_entropy_with_integer_labels(
+        z, batch['label']).mean())(logits)
+    return losses.sum(), (losses, logits)   # a sum: each head gets its own gradient
+
+  (_, (losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'], axis=-1)
+  i = lrs.index(protocol_lr)
+  return state.apply_gradients(grads=grads), LinearMetrics.single_from_model_output(
+      loss=losses[i], top1=top1[i], lr=lr_schedule(state.step) * lrs[i] / protocol_lr)
+
+
 class LinearExperiment(loop.Experiment):
   """Linear heads on frozen `features(frozen, x)`; `make_batches(start)`: process-local dict(x,
   label) batches; `eval_batches()`: padded dict(x, label, mask) batches of the eval split."""
@@ -211,18 +231,8 @@ class LinearExperiment(loop.Experiment):
     self.lr = optim.schedule(cfg.optim, cfg.batch_size, steps_per_epoch, cfg.num_epochs)
     self.tx = per_head_sgd(cfg.optim, self.lr, [x / cfg.optim.base_lr for x in self.lrs])
 
-    def step(state, frozen, batch):
-      h = features(frozen, batch['x'])
-      def loss_fn(params):
-        logits = state.apply_fn({'params': params}, h)
-        losses = jax.vmap(lambda z: optax.softmax_cross_entropy_with_integer_labels(
-            z, batch['label']).mean())(logits)
-        return losses.sum(), (losses, logits)   # a sum: each head gets its own gradient
-      (_, (losses, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      top1 = jnp.mean(jnp.argmax(logits, -1) == batch['label'], axis=-1)
-      i = self.lrs.index(float(cfg.optim.base_lr))   # the protocol lr's head is the one logged
-      return state.apply_gradients(grads=grads), LinearMetrics.single_from_model_output(
-          loss=losses[i], top1=top1[i], lr=self.lr(state.step) * self.lrs[i] / cfg.optim.base_lr)
+    step = functools.partial(train_step, features=features, lrs=self.lrs,
+                             protocol_lr=float(cfg.optim.base_lr), lr_schedule=self.lr)
     self._step = jax.jit(step, in_shardings=(self.repl, self.repl, self.batch_sharding),
                          out_shardings=(self.repl, self.repl), donate_argnums=0)
     self.logits = jax.jit(lambda params, frozen, x: self.classifier.apply(

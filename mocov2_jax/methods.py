@@ -11,6 +11,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from clu import metrics
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -183,9 +184,10 @@ def train_step(state, batch, *, config, lr_schedule, batch_sharding=None):
                    batch_sharding=batch_sharding, finish=finish)
 
 
-def mesh_and_shardings():
-  """A 1-D `data` mesh over all devices: the batch is split on it, the state is replicated."""
-  mesh = jax.sharding.Mesh(jax.devices(), ('data',))
+def mesh_and_shardings(devices=None):
+  """A 1-D `data` mesh over `devices` (all by default): the batch is split on it, the state is
+  replicated. (mesh, replicated sharding, batch sharding)."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices() if devices is None else devices), ('data',))
   return mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
 

@@ -179,7 +179,7 @@ def np_gaussian_blur(x, sigma, radius):
 
 @pytest.mark.parametrize('sigma', [0.1, 0.7, 1.5, 2.0])
 def test_blur(sigma):
-  radius = augment.blur_radius(recipes.recipe('mocov2'), 64)
+  radius = recipes.blur_radius(recipes.recipe('mocov2'), 64)
   assert radius == 6
   const = np.full((24, 30, 3), 0.3, np.float32)
   np.testing.assert_allclose(augment.gaussian_blur(tf.constant(const), sigma, radius), const,
@@ -201,8 +201,8 @@ def test_blur(sigma):
 
 
 def test_simclr_blur_kernel_is_a_tenth_of_the_side():
-  assert augment.blur_radius(recipes.recipe('simclr'), 224) == 11   # kernel 22 -> 2 * 11 + 1
-  assert augment.blur_radius(recipes.recipe('simclr'), 32) == 1
+  assert recipes.blur_radius(recipes.recipe('simclr'), 224) == 11   # kernel 22 -> 2 * 11 + 1
+  assert recipes.blur_radius(recipes.recipe('simclr'), 32) == 1
 
 
 @pytest.mark.parametrize('name', ['mocov1', 'mocov2', 'cifar', 'simclr'])

@@ -1,7 +1,5 @@
 """What feeding the accelerators faster must not change: the host's uint8 crops (a faster resize),
 the loss with a uint8 key shuffle, and the bf16 step (BN without float32 copies)."""
-import importlib.util
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mocov2_jax import methods, optim
+from mocov2_jax import methods, optim, xla_stats
 from mocov2_jax.data import augment, device_augment, recipes
 from mocov2_jax.models import resnet
-from tests.helpers import REPO, shardings
+from tests.helpers import shardings
 
 BATCH, IMAGE = 16, 16
 
@@ -53,12 +51,8 @@ def test_crop_uint8_is_the_exact_crop_and_resize():
 
 
 def test_benchmark_counts_collective_bytes_by_kind():
-  """benchmarks/throughput.py's HLO reading: the image batch (the key shuffle) apart from the
+  """xla_stats' HLO reading (the benchmarks'): the image batch (the key shuffle) apart from the
   gradient all-reduce, an async start counted once (its result holds the operand too)."""
-  spec = importlib.util.spec_from_file_location(
-      'throughput', os.path.join(REPO, 'benchmarks', 'throughput.py'))
-  throughput = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(throughput)
   hlo = """
   %all-gather = u8[16,64,64,3]{3,2,1,0} all-gather(%param.75), channel_id=4, dimensions={0}
   %all-gather.1 = s32[16]{0} all-gather(%perm), channel_id=5, dimensions={0}
@@ -66,7 +60,7 @@ def test_benchmark_counts_collective_bytes_by_kind():
   %ag-start = (f32[2,64,64,3]{3,2,1,0}, f32[16,64,64,3]{3,2,1,0}) all-gather-start(%x)
   %ag-done = f32[16,64,64,3]{3,2,1,0} all-gather-done(%ag-start)"""
   image = 64 * 64 * 3
-  assert throughput.hlo_collectives(hlo, 64) == {
+  assert xla_stats.collectives(hlo, 64) == {
       'views': 16 * image + 18 * image * 4, 'all-reduce': (8 + 9 * 64 * 64) * 4, 'other': 64}
 
 

@@ -1,12 +1,14 @@
 """One augmented view in TensorFlow, with torchvision's semantics (the reference's PIL transforms).
 
-Two halves, so that an on-device (JAX / dm-pix) variant can implement the same recipe:
-`sample_params` draws every random decision of a view from a stateless seed (reproducible, no
-hidden state), and `apply` is a pure function of the image and those decisions.
+Two halves, which `device_augment.py` mirrors in JAX: `sample_params` draws every random decision
+of a view from a stateless seed (reproducible, no hidden state), and `apply` is a pure function of
+the image and those decisions.
 """
 import math
 
 import tensorflow as tf
+
+from mocov2_jax.data import recipes
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)   # ITU-R 601-2, as PIL's convert('L')
 CROP_ATTEMPTS = 10
@@ -88,13 +90,6 @@ def color_jitter(image, factors, order, strengths):
   return image
 
 
-def blur_radius(recipe, size):
-  """Static kernel radius: 3 sigma of the largest sigma (PIL), or SimCLR's kernel of frac * side."""
-  if recipe.blur_kernel_frac is None:
-    return max(1, math.ceil(3 * recipe.blur_sigma[1]))
-  return max(1, int(size * recipe.blur_kernel_frac) // 2)
-
-
 def gaussian_blur(image, sigma, radius):
   """Separable Gaussian on [H, W, C]; edge pixels are repeated outside the image, as PIL does."""
   x = tf.range(-radius, radius + 1, dtype=tf.float32)
@@ -129,7 +124,7 @@ def apply(image, params, recipe, size):
   gray = lambda im: tf.cond(params['gray'], lambda: grayscale(im), lambda: im)
   image = jitter(gray(image)) if recipe.gray_before_jitter else gray(jitter(image))
   if recipe.blur_p > 0:
-    radius = blur_radius(recipe, size)
+    radius = recipes.blur_radius(recipe, size)
     image = tf.cond(params['blur'],
                     lambda: gaussian_blur(image, params['blur_sigma'], radius), lambda: image)
   image = normalize(image, recipe)

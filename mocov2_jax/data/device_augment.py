@@ -5,11 +5,11 @@ and the accelerator finishes each view inside the jitted step. Same recipe field
 torchvision semantics as `augment.py`, which tests/test_device_augment.py checks op by op. No
 TensorFlow here: this runs on accelerator hosts that may not have it.
 """
-import math
-
 import dm_pix
 import jax
 import jax.numpy as jnp
+
+from mocov2_jax.data import recipes
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)   # PIL's convert('L'), as augment.GRAY_WEIGHTS
 
@@ -56,8 +56,6 @@ def _blend(image, other, factor):
 
 # dm-pix's brightness adds a delta, its contrast blends to per-channel means and its saturation
 # scales HSV's S; torchvision's (the reference's) blend with black, the gray mean, the gray image.
-# Brightness is written as the product it is: `_blend(image, 0.0, f)` made the 8-device step
-# differ from the 1-device one on XLA CPU (jax 0.10.2; test_sharded_batch_equals_single_device).
 adjust_brightness = lambda image, factor: jnp.clip(image * factor, 0.0, 1.0)
 adjust_contrast = lambda image, factor: _blend(image, jnp.mean(grayscale(image)[..., 0]), factor)
 adjust_saturation = lambda image, factor: _blend(image, grayscale(image), factor)
@@ -68,29 +66,52 @@ def adjust_hue(image, delta):
   return dm_pix.adjust_hue(image, delta)
 
 
+def _blend_op(image, op, factors, strengths):
+  """Brightness, contrast or saturation (`op` 0, 1, 2, traced) as the one blend they share, with
+  black, the gray mean or the gray image; the hue (3) and ops of strength 0 leave the image."""
+  gray = grayscale(image)
+  other = jnp.where(op == 0, 0.0, jnp.where(op == 1, jnp.mean(gray[..., 0]), gray))
+  on = jnp.asarray([s > 0 for s in strengths[:3]] + [False])[op]
+  return jnp.where(on, _blend(image, other, factors[op]), image)
+
+
 def color_jitter(image, factors, order, strengths):
-  """torchvision ColorJitter: the four ops in the traced `order`; ops of strength 0 are skipped."""
-  ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-  branches = [(lambda im, i=i: ops[i](im, factors[i])) if strengths[i] else (lambda im: im)
-              for i in range(4)]
-  for k in range(4):
-    image = jax.lax.switch(order[k], branches, image)
+  """torchvision ColorJitter: the four ops in the traced `order`; ops of strength 0 are skipped.
+
+  Under vmap a switch on a traced index computes every branch: one switch per position of the
+  order computed all four ops at each position, the costly hue (an HSV round trip) four times.
+  Here the hue runs once, between the blends drawn before it and those drawn after it.
+  """
+  if not strengths[3]:
+    for k in range(4):
+      image = _blend_op(image, order[k], factors, strengths)
+    return image
+  hue_at = jnp.argmax(order == 3)
+  for k in range(3):    # the positions that can come before the hue
+    image = jnp.where(k < hue_at, _blend_op(image, order[k], factors, strengths), image)
+  image = adjust_hue(image, factors[3])
+  for k in range(1, 4):  # and after it
+    image = jnp.where(k > hue_at, _blend_op(image, order[k], factors, strengths), image)
   return image
 
 
-def blur_radius(recipe, size: int) -> int:
-  """Static kernel radius, as augment.blur_radius (3 sigma_max as PIL, or SimCLR's frac * side)."""
-  if recipe.blur_kernel_frac is None:
-    return max(1, math.ceil(3 * recipe.blur_sigma[1]))
-  return max(1, int(size * recipe.blur_kernel_frac) // 2)
-
-
 def gaussian_blur(image, sigma, radius: int):
-  """Separable Gaussian on [H, W, C] with the edge pixels repeated outside the image, as PIL."""
-  # dm_pix.gaussian_blur pads with zeros ('SAME'): pad the edges ourselves and convolve 'VALID'.
-  padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode='edge')
-  with jax.default_matmul_precision('highest'):   # no TF32 in the convolution on GPUs
-    return dm_pix.gaussian_blur(padded, sigma, kernel_size=2 * radius + 1, padding='VALID')
+  """Separable Gaussian on [H, W, C] with the edge pixels repeated outside the image, as PIL.
+
+  Each pass is a sum of 2 radius + 1 shifted copies, which XLA fuses into one elementwise loop.
+  A convolution with one kernel per image (sigma is drawn per image) vmaps into a grouped
+  convolution, slow on every backend."""
+  t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
+  kernel = jnp.exp(-t**2 / (2 * sigma**2))
+  kernel = kernel / jnp.sum(kernel)
+  for axis in (0, 1):
+    n = image.shape[axis]
+    pad = [(0, 0)] * image.ndim
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(image, pad, mode='edge')
+    image = sum(kernel[j] * jax.lax.slice_in_dim(padded, j, j + n, axis=axis)
+                for j in range(2 * radius + 1))
+  return image
 
 
 def normalize(image, recipe):
@@ -105,14 +126,14 @@ def finish(image, params, recipe):
   Flip, gray and jitter in the recipe's order, blur, normalise. Decisions select with `jnp.where`
   (under vmap a `cond` computes both branches anyway), so this vmaps and jits as is.
   """
-  x = image.astype(jnp.float32) / 255.0
-  x = jnp.where(params['flip'], dm_pix.flip_left_right(x), x)
+  # Flipped as uint8: a quarter of the bytes (a reversal is a pass of its own on TPUs).
+  x = jnp.where(params['flip'], dm_pix.flip_left_right(image), image).astype(jnp.float32) / 255.0
   jitter = lambda im: jnp.where(params['jitter'], color_jitter(
       im, params['jitter_factors'], params['jitter_order'], recipe.jitter), im)
   gray = lambda im: jnp.where(params['gray'], grayscale(im), im)
   x = jitter(gray(x)) if recipe.gray_before_jitter else gray(jitter(x))
   if recipe.blur_p > 0:
-    blurred = gaussian_blur(x, params['blur_sigma'], blur_radius(recipe, image.shape[0]))
+    blurred = gaussian_blur(x, params['blur_sigma'], recipes.blur_radius(recipe, image.shape[0]))
     x = jnp.where(params['blur'], blurred, x)
   return normalize(x, recipe)
 

@@ -1,8 +1,10 @@
 """Augmentation recipes as ConfigDicts, so configs can embed them and override single fields.
 
-No TensorFlow here: configs import this module. `augment.py` (tf.data) implements the recipes, and
-an on-device (JAX) variant can implement the same fields.
+No TensorFlow here: configs import this module. `augment.py` (tf.data, on the host) and
+`device_augment.py` (JAX, inside the step) implement the same fields.
 """
+import math
+
 import ml_collections
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -37,3 +39,10 @@ def recipe(name: str) -> ml_collections.ConfigDict:
   if name not in _RECIPES:
     raise ValueError(f'Unknown augmentation recipe {name!r}; pick one of {sorted(_RECIPES)}.')
   return ml_collections.ConfigDict(dict(_RECIPES[name]))
+
+
+def blur_radius(recipe, size: int) -> int:
+  """Static kernel radius: 3 sigma of the largest sigma (PIL), or SimCLR's kernel of frac * side."""
+  if recipe.blur_kernel_frac is None:
+    return max(1, math.ceil(3 * recipe.blur_sigma[1]))
+  return max(1, int(size * recipe.blur_kernel_frac) // 2)
