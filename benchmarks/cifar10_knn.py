@@ -47,7 +47,7 @@ def main():
   start = time.time()
   subprocess.run(cmd, check=True, cwd=REPO)
   results = json.load(open(os.path.join(args.workdir, 'results.json')))
-  print(f'\n| encoder | epochs | kNN top-1 (CIFAR-10 test) |\n|---|---|---|')
+  print('\n| encoder | epochs | kNN top-1 (CIFAR-10 test) |\n|---|---|---|')
   if results.get('knn_top1_init') is not None:
     print(f"| random init | 0 | {results['knn_top1_init']:.2f} |")
   print(f"| MoCo pre-trained | {results['epochs']:.1f} | {results['knn_top1']:.2f} |")

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from mocov2_jax import errors
 
@@ -188,20 +189,13 @@ def restore_raw(step_dir) -> dict:
     handler.close()
 
 
-def _flat(tree, prefix=''):
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f'{prefix}{k}.') if isinstance(v, dict) else {f'{prefix}{k}': v})
-  return out
-
-
 def config_changes(workdir, config) -> dict:
   """{dotted field: (saved, new)} between the workdir's config.json and `config` ({} if none)."""
   p = path(workdir) / 'config.json'
   if not p.exists():
     return {}
-  old = _flat(json.loads(p.read_text()))
-  new = _flat(json.loads(config.to_json_best_effort()))
+  old = traverse_util.flatten_dict(json.loads(p.read_text()), sep='.')
+  new = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
   return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
           if old.get(k) != new.get(k)}
 

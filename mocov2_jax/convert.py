@@ -22,10 +22,10 @@ names and shapes; --arch/--width/--cifar_stem only check it. Everything else com
 PyTorch is optional (pip install -e '.[torch]'); safetensors files are read and written without it.
 """
 from absl import flags
+from flax import traverse_util
 from ml_collections import config_flags
 
 from mocov2_jax import cli, config_check, defaults, torch_io
-from mocov2_jax import torch_names as names
 from mocov2_jax.models import resnet
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 
 def overrides(base, config, prefix='--config.'):
   """The --config.x=y flags that turn `base` into `config` (what to pass to the trainer)."""
-  flat = lambda c: {'.'.join(p): v for p, v in names.flatten(c.to_dict()).items()}
+  flat = lambda c: traverse_util.flatten_dict(c.to_dict(), sep='.')
   b = flat(base)
   return [f'{prefix}{k}={v}' for k, v in flat(config).items() if b.get(k) != v]
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from clu import metrics
+from flax import traverse_util
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -119,7 +120,7 @@ def check_shapes(cfg, step_dir):
   saved = checkpoints.saved_tree(step_dir)
   x = jnp.zeros((1, cfg.data.image_size, cfg.data.image_size, 3))
   like = jax.eval_shape(lambda: backbone_module(cfg).init(jax.random.PRNGKey(0), x, train=False))
-  shapes = lambda tree: {p: tuple(x.shape) for p, x in names.flatten(tree).items()}
+  shapes = lambda tree: {p: x.shape for p, x in traverse_util.flatten_dict(tree).items()}
   for col in ('params', 'batch_stats'):
     want, have = shapes(like[col]), shapes(saved[col].get('backbone', {}))
     bad = [f'{"/".join(p)} {have.get(p, "missing")} (model: {s})'
@@ -167,8 +168,9 @@ def load_backbone(step_dir):
 
 def check_unchanged(frozen, step_dir):
   """The reference's sanity check: the backbone used is bit-identical to the checkpoint's."""
-  saved = names.flatten(load_backbone(step_dir))
-  used = names.flatten(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), frozen))
+  saved = traverse_util.flatten_dict(load_backbone(step_dir))
+  used = traverse_util.flatten_dict(jax.tree.map(lambda a: np.asarray(a.addressable_data(0)),
+                                                  frozen))
   moved = [p for p in saved if p not in used or not np.array_equal(saved[p], used[p])]
   if moved or len(used) != len(saved):
     raise RuntimeError(f'the frozen backbone differs from {step_dir}: '

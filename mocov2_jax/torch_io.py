@@ -7,7 +7,9 @@ import pickle
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from etils import epath
+from flax import traverse_util
 
 from mocov2_jax import checkpoints, defaults, methods, moco, optim
 from mocov2_jax import torch_names as names
@@ -76,8 +78,8 @@ def export(checkpoint, fmt, out) -> str:
 
 
 def _momentum(raw_opt_state):
-  """The SGD momentum buffers of `optim.sgd`'s state: chain(decay, chain(trace, lr))."""
-  return raw_opt_state[1][0]['trace']
+  """The SGD momentum buffers of `optim.sgd`'s state (optax's `trace`), found by name."""
+  return optax.tree_utils.tree_get(raw_opt_state, 'trace')
 
 
 def _torch_sgd_state(raw, config, step):
@@ -87,7 +89,7 @@ def _torch_sgd_state(raw, config, step):
   trace does)."""
   torch = _import_torch()
   buffers = {names.torch_name(p): torch.from_numpy(np.array(names.to_torch(p, x)))
-             for p, x in names.flatten(_momentum(raw['opt_state'])).items()}
+             for p, x in traverse_util.flatten_dict(_momentum(raw['opt_state'])).items()}
   order = names.parameter_names(raw['params'])
   spe = _steps_per_epoch(config)
   lr = optim.schedule(config.optim, config.batch_size, spe or 1, config.num_epochs)(step)
@@ -184,9 +186,8 @@ def build_state(config, query, key=None, queue=None, queue_ptr=0, momentum=None,
       queue_ptr=jnp.asarray(queue_ptr, jnp.int32), rng=step_rng)
   if momentum is not None:
     trace, _ = names.variables(momentum, params, {})
-    decay, (sgd, lr_state) = state.opt_state
-    state = state.replace(opt_state=(decay, (sgd._replace(trace=jax.tree.map(
-        jnp.asarray, trace)), lr_state)))
+    state = state.replace(opt_state=optax.tree_utils.tree_set(
+        state.opt_state, trace=jax.tree.map(jnp.asarray, trace)))
   state = jax.device_put(state.replace(step=step))  # as the loop: every leaf an array
   shapes = lambda t: [(jax.tree_util.keystr(p), x.shape, x.dtype)
                       for p, x in jax.tree_util.tree_flatten_with_path(t)[0]]

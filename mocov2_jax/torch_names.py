@@ -2,6 +2,7 @@
 checkpoint (`module.encoder_q.*`) and detectron2. The one mapping every format uses.
 """
 import numpy as np
+from flax import traverse_util
 
 from mocov2_jax.models import resnet
 
@@ -36,28 +37,10 @@ def from_torch(path, x) -> np.ndarray:
   return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T
 
 
-def flatten(tree, prefix=()):
-  """{('a', 'b'): leaf} of a nested dict (raw checkpoints and flax params are plain dicts)."""
-  out = {}
-  for k, v in tree.items():
-    out.update(flatten(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-  return out
-
-
-def unflatten(flat):
-  out = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
-
-
 def state_dict(params, batch_stats, num_batches_tracked=0) -> dict:
   """Flax variables -> {torchvision name: numpy array}, with BN's int64 num_batches_tracked."""
-  sd = {torch_name(p): to_torch(p, x) for p, x in flatten(params).items()}
-  for p, x in flatten(batch_stats).items():
+  sd = {torch_name(p): to_torch(p, x) for p, x in traverse_util.flatten_dict(params).items()}
+  for p, x in traverse_util.flatten_dict(batch_stats).items():
     sd[torch_name(p)] = np.asarray(x)
     if p[-1] == 'var':
       sd[torch_name(p[:-1] + ('num_batches_tracked',))] = np.array(num_batches_tracked, np.int64)
@@ -73,7 +56,7 @@ def variables(sd, params_like, stats_like):
   missing, wrong, used = [], [], set()
   def take(tree):
     flat = {}
-    for p, like in flatten(tree).items():
+    for p, like in traverse_util.flatten_dict(tree).items():
       name = torch_name(p)
       if name not in sd:
         missing.append(name)
@@ -83,7 +66,7 @@ def variables(sd, params_like, stats_like):
         wrong.append(f'{name} {x.shape} (expected {tuple(like.shape)})')
       flat[p] = x.astype(like.dtype)
       used.add(name)
-    return unflatten(flat)
+    return traverse_util.unflatten_dict(flat)
   params, stats = take(params_like), take(stats_like)
   unused = sorted(k for k in sd if k not in used and not k.endswith('num_batches_tracked'))
   if missing or wrong or unused:
@@ -147,4 +130,4 @@ def parameter_order(name: str):
 
 def parameter_names(params) -> list:
   """The torchvision names of a Flax params tree (no BN buffers), in `parameter_order`."""
-  return sorted((torch_name(p) for p in flatten(params)), key=parameter_order)
+  return sorted((torch_name(p) for p in traverse_util.flatten_dict(params)), key=parameter_order)

@@ -3,16 +3,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def shardings(devices):
-  """(replicated, batch-sharded) shardings over a 1-D `data` mesh of `devices`."""
-  mesh = Mesh(np.array(devices), ('data',))
-  return NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
 
 def run_cli(module, *args, code=0, timeout=600, env=None):

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 import optax
 import torch
+from flax import traverse_util
 from safetensors.numpy import load_file
 
 from mocov2_jax import defaults, methods, optim, torch_io
@@ -377,7 +378,7 @@ def test_moco_file_continues_in_pytorch_sgd_and_back(tiny, tmp_path):
   for g in opt.param_groups:
     g['lr'] = lr
   grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), state.params)
-  named = {names.torch_name(p): names.to_torch(p, g) for p, g in names.flatten(grads).items()}
+  named = {names.torch_name(p): names.to_torch(p, g) for p, g in traverse_util.flatten_dict(grads).items()}
   for name, p in model.encoder_q.named_parameters():
     p.grad = torch.from_numpy(np.array(named[name]))
   opt.step()
@@ -386,7 +387,7 @@ def test_moco_file_continues_in_pytorch_sgd_and_back(tiny, tmp_path):
   updates, _ = tx.update(grads, state.opt_state, state.params)
   ours = optax.apply_updates(state.params, updates)
   after = model.encoder_q.state_dict()
-  for p, x in names.flatten(ours).items():
+  for p, x in traverse_util.flatten_dict(ours).items():
     np.testing.assert_allclose(names.to_torch(p, x), after[names.torch_name(p)].numpy(),
                                rtol=1e-5, atol=1e-6, err_msg=names.torch_name(p))
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mocov2_jax import methods
 from mocov2_jax.data import augment, recipes
 from mocov2_jax.data import device_augment as dev
-from tests.helpers import shardings
 
 S = 16
 IMAGE = np.random.default_rng(0).integers(0, 256, (S, S, 3), np.uint8)
@@ -161,7 +161,7 @@ def test_sharded_batch_equals_single_device():
   step = lambda im, t: (dev.augment_batch(im, dev.example_keys(0, t, n), r), draw(t))
   single = jax.jit(step)(jax.device_put(images, jax.devices()[0]), 3)
   assert len(jax.devices()) == 8
-  _, sharding = shardings(jax.devices())
+  _, _, sharding = methods.mesh_and_shardings(jax.devices())
   sharded = jax.jit(step, out_shardings=sharding)(jax.device_put(images, sharding), 3)
   assert sharded[0].sharding.device_set == set(jax.devices())
   jax.tree.map(np.testing.assert_array_equal, sharded[1], single[1])

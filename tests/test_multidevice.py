@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mocov2_jax import methods, optim
-from tests.helpers import shardings
 
 BATCH, IMAGE = 16, 16
 
@@ -39,7 +38,7 @@ _STEPS = {}
 
 def _run(config, devices, batches):
   sched = optim.schedule(config.optim, BATCH, 1, 5)
-  repl, data = shardings(devices)
+  _, repl, data = methods.mesh_and_shardings(devices)
   key = (config.moco.bn_groups, len(devices))  # reuse compiled steps across tests
   if key not in _STEPS:
     _STEPS[key] = methods.jit_train_step(config, sched, repl, data)
@@ -114,7 +113,7 @@ def test_every_encoder_pass_runs_on_the_local_shard_only(tiny_config):
   config = tiny_config(**{'moco.bn_groups': 8, 'model.width': 2})
   global_batch = 64
   sched = optim.schedule(config.optim, global_batch, 10, 1)
-  repl, data = shardings(jax.devices())
+  _, repl, data = methods.mesh_and_shardings(jax.devices())
   state = jax.eval_shape(lambda: methods.create_train_state(
       jax.random.PRNGKey(0), config, methods.create_model(config), sched, IMAGE))
   batch = {k: jax.ShapeDtypeStruct((global_batch, IMAGE, IMAGE, 3), jnp.float32)

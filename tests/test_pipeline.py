@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from mocov2_jax import cli
+from mocov2_jax import errors
 from mocov2_jax.data import pipeline, recipes, sources
 
 
@@ -361,10 +361,10 @@ def test_unreadable_images_are_skipped_counted_and_named(tmp_path):
 def test_unreadable_image_in_error_mode_stops_naming_it(tmp_path):
   bad_names = write_odd_and_bad(tmp_path)
   cfg = config(source='folder', folder=str(tmp_path), eval_split='train', on_bad_image='error')
-  with pytest.raises(cli.Stop, match='|'.join(bad_names)) as e:
+  with pytest.raises(errors.BadInput, match='|'.join(bad_names)) as e:   # exit 2 from the CLI
     evals(cfg, 'train', 10, local_batch_size=8)
-  assert e.value.code == cli.EXIT_BAD_INPUT and 'on_bad_image=skip' in str(e.value)
-  with pytest.raises(cli.Stop, match='|'.join(bad_names)):
+  assert 'on_bad_image=skip' in str(e.value)
+  with pytest.raises(errors.BadInput, match='|'.join(bad_names)):
     train_take(cfg, 4, local_batch_size=8, seed=0)
   with pytest.raises(ValueError, match='on_bad_image'):
     pipeline.check_data(config(on_bad_image='ignore'))

@@ -9,7 +9,6 @@ import pytest
 
 from mocov2_jax import methods, optim, simclr
 from mocov2_jax.models import resnet
-from tests.helpers import shardings
 
 
 def _np_nt_xent(z, tau):
@@ -69,7 +68,7 @@ def test_nt_xent_gradient_on_8_devices_uses_the_global_batch():
   z = jnp.asarray(np.random.default_rng(2).normal(size=(32, 6)), jnp.float32)
   loss_fn = lambda x: simclr.nt_xent(x, tau)[0]
   one = jax.jit(jax.value_and_grad(loss_fn))(jax.device_put(z, jax.devices()[0]))
-  _, data = shardings(jax.devices())
+  _, _, data = methods.mesh_and_shardings(jax.devices())
   zs = jax.device_put(z, data)
   eight = jax.jit(jax.value_and_grad(loss_fn), in_shardings=data)(zs)
   assert eight[1].sharding.device_set == set(jax.devices())
@@ -149,7 +148,7 @@ def test_global_bn_over_8_devices_equals_bn_over_the_whole_batch():
   x += np.arange(32, dtype=np.float32)[:, None, None, None] / 8  # shards differ in mean
   bn = resnet.GroupBatchNorm(groups=1)
   variables = bn.init(jax.random.PRNGKey(0), x, train=False)
-  _, data = shardings(jax.devices())
+  _, _, data = methods.mesh_and_shardings(jax.devices())
   apply = jax.jit(lambda v, x: bn.apply(v, x, train=True, mutable=['batch_stats']),
                   in_shardings=(None, data))
   y, new = apply(variables, jax.device_put(x, data))
@@ -192,7 +191,7 @@ def _simclr_config(tiny_config):
 
 def _run(config, devices, state0, batches):
   sched = optim.schedule(config.optim, BATCH, 2, 3)
-  repl, data = shardings(devices)
+  _, repl, data = methods.mesh_and_shardings(devices)
   train_step = methods.jit_train_step(config, sched, repl, data)
   state = jax.device_put(state0, repl)
   losses = []
@@ -274,7 +273,7 @@ def test_encoder_runs_on_the_local_shard_only(tiny_config):
   config.model.width = 2
   n = 64
   sched = optim.schedule(config.optim, n, 10, 1)
-  repl, data = shardings(jax.devices())
+  _, repl, data = methods.mesh_and_shardings(jax.devices())
   state = jax.eval_shape(lambda: methods.create_train_state(
       jax.random.PRNGKey(0), config, methods.create_model(config), sched, IMAGE))
   batch = {k: jax.ShapeDtypeStruct((n, IMAGE, IMAGE, 3), jnp.float32) for k in ('view1', 'view2')}

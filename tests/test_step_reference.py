@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from mocov2_jax import methods, optim
-from tests.helpers import shardings
 from tests.torch_resnet import GroupBatchNorm2d, TorchResNet, torch_name
 
 BATCH, IMAGE, STEPS, STEPS_PER_EPOCH, EPOCHS = 16, 16, 3, 1, 5
@@ -218,7 +217,7 @@ def test_steps_match_pytorch_reference(tiny_config, head, symmetric, overrides, 
                   config.optim.momentum)
   base_rng, step0 = np.asarray(state.rng), int(state.step)
 
-  repl, data = shardings(jax.devices()[:1])
+  _, repl, data = methods.mesh_and_shardings(jax.devices()[:1])
   train_step = methods.jit_train_step(config, sched, repl, data)
   state = jax.device_put(state, repl)
 

@@ -11,7 +11,6 @@ import tensorflow as tf
 from mocov2_jax import methods, optim, xla_stats
 from mocov2_jax.data import augment, device_augment, recipes
 from mocov2_jax.models import resnet
-from tests.helpers import shardings
 
 BATCH, IMAGE = 16, 16
 
@@ -101,7 +100,7 @@ _STEPS = {}
 def _steps(config, state, batches, devices):
   """The losses of the jitted steps from `state` and the final state (host arrays). Compiled
   steps are shared between the tests (compiling takes most of their time)."""
-  repl, data = shardings(devices)
+  _, repl, data = methods.mesh_and_shardings(devices)
   key = (config.to_json(), len(devices))
   if key not in _STEPS:
     sched = optim.schedule(config.optim, BATCH, 1, 5)

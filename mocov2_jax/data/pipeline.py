@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mocov2_jax import cli
+from mocov2_jax import errors
 from mocov2_jax.data import augment, sources
 from mocov2_jax.data.bad_images import BadImages
 
@@ -91,9 +91,8 @@ def _read(ds, bad, first_bad, name, start, total=None, holes=True):
     except StopIteration:
       break
     except tf.errors.OpError as e:
-      raise cli.Stop(f'cannot read {first_bad(expected)} ({e.message.splitlines()[0]}): remove '
-                     'or re-encode it, or set --config.data.on_bad_image=skip',
-                     cli.EXIT_BAD_INPUT) from None
+      raise errors.BadInput(f'cannot read {first_bad(expected)} ({e.message.splitlines()[0]}): '
+                            'remove or re-encode it, or set --config.data.on_bad_image=skip') from None
     if not holes:
       yield batch
       continue
