@@ -92,7 +92,7 @@ def view_finisher(config, step):
 
 
 def is_device_augmented(config) -> bool:
-  return 'data' in config and config.data.get('augment_on', 'host') == 'device'
+  return config.data.augment_on == 'device'
 
 
 def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=None,

@@ -11,25 +11,18 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402
 
+from mocov2_jax import defaults  # noqa: E402
+
 
 def make_tiny_config(**overrides) -> ml_collections.ConfigDict:
-  """ResNet-18 at width 8 with a CIFAR stem, dim 16, K = 64, 4 BN groups: small enough for CPU."""
-  c = ml_collections.ConfigDict(dict(
-      method='moco',
-      model=dict(arch='resnet18', width=8, cifar_stem=True, head='mlp', dim=16,
-                 dtype='float32'),
-      moco=dict(queue_size=64, momentum=0.99, temperature=0.2, bn_groups=4, symmetric=False),
-      simclr=dict(temperature=0.1),
-      optim=dict(optimizer='sgd', base_lr=0.03, lr_batch_base=256, lr_scaling='linear',
-                 momentum=0.9, weight_decay=1e-4, schedule='cosine', lr_drop_epochs=(1,),
-                 warmup_epochs=0, trust_coefficient=0.001),
-  ))
-  for path, value in overrides.items():
-    if '.' in path:
-      section, field = path.split('.')
-      c[section][field] = value
-    else:
-      c[path] = value
+  """defaults.base_config() at ResNet-18 width 8 with a CIFAR stem, dim 16, K = 64, 4 BN groups
+  (small enough for CPU), taking finished views (host augmentation) as the step tests feed."""
+  c = defaults.base_config()
+  c.model.update(arch='resnet18', width=8, cifar_stem=True, dim=16)
+  c.moco.update(queue_size=64, momentum=0.99, temperature=0.2, bn_groups=4)
+  c.optim.lr_drop_epochs = (1,)
+  c.data.augment_on = 'host'
+  c.update_from_flattened_dict(overrides)
   return c
 
 

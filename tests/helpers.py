@@ -4,6 +4,31 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# configs/demo.py shrunk to seconds a run on 2 cores: width 4, 16 px, 2 epochs of 128 synthetic
+# images in batches of 32. Tests that run the program start from it and change what they test.
+TINY_DEMO = {'batch_size': 32, 'num_epochs': 2, 'model.width': 4, 'moco.queue_size': 128,
+             'moco.bn_groups': 4, 'data.num_train': 128, 'data.num_eval': 64,
+             'data.image_size': 16, 'data.shuffle_buffer': 128, 'knn.every_epochs': 0,
+             'num_summary_pairs': 0, 'log_every_steps': 1, 'checkpoint_every_steps': 2}
+
+
+def demo_flags(**changes):
+  """TINY_DEMO (with `changes`) as the program's --config.x=y flags."""
+  return [f'--config.{k}={v}' for k, v in {**TINY_DEMO, **changes}.items()]
+
+
+def demo_config(**changes):
+  """configs/demo.py with TINY_DEMO and `changes` (dotted field names)."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.update_from_flattened_dict({**TINY_DEMO, **changes})
+  return c
+
+
+def main_cmd(workdir, *flags, **changes):
+  """`python -m mocov2_jax.main` on the tiny demo in `workdir`, `flags` appended."""
+  return [sys.executable, '-m', 'mocov2_jax.main', f'--config={REPO}/configs/demo.py',
+          f'--workdir={workdir}', *demo_flags(**changes), *flags]
 
 
 def run_cli(module, *args, code=0, timeout=600, env=None):

@@ -11,19 +11,11 @@ import numpy as np
 import pytest
 
 from mocov2_jax import linear, linear_eval, methods, train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {'batch_size': 32, 'model.width': 4, 'moco.queue_size': 128, 'moco.bn_groups': 4,
-        'data.num_train': 128, 'data.num_eval': 64, 'data.image_size': 16,
-        'data.shuffle_buffer': 128, 'num_train_steps': 2, 'knn.every_epochs': 0,
-        'num_summary_pairs': 0, 'checkpoint_every_steps': 2}
-
+from tests.helpers import REPO, demo_config
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config()
-  c.update_from_flattened_dict(TINY)
+  c = demo_config(num_train_steps=2)
   workdir = str(tmp_path_factory.mktemp('pretrained'))
   train.train_and_evaluate(c, workdir)
   return workdir

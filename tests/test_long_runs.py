@@ -4,32 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from mocov2_jax import checkpoints, cli, linear, train
-from tests.helpers import REPO, run_cli
-
-TINY = {'batch_size': 32, 'num_epochs': 2, 'model.width': 4, 'moco.queue_size': 128,
-        'moco.bn_groups': 4, 'data.num_train': 128, 'data.num_eval': 64, 'data.image_size': 16,
-        'knn.every_epochs': 0, 'num_summary_pairs': 0, 'log_every_steps': 1,
-        'checkpoint_every_steps': 2}
-FLAGS = [f'--config.{k}={v}' for k, v in TINY.items()]
-
-
-def demo_config(**changes):
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config()
-  c.update_from_flattened_dict({**TINY, **changes})
-  return c
-
-
-def main_cmd(workdir, *flags):
-  return [sys.executable, '-m', 'mocov2_jax.main', f'--config={REPO}/configs/demo.py',
-          f'--workdir={workdir}', *FLAGS, *flags]
-
+from tests.helpers import REPO, demo_config, demo_flags, main_cmd, run_cli
 
 def all_finite(step_dir):
   raw = checkpoints.restore_raw(step_dir)
@@ -93,7 +73,7 @@ def test_resume_refuses_a_changed_model_and_keeps_the_old_config_on_other_change
   with pytest.raises(ValueError, match=r'moco.queue_size \(saved 128, now 256\)'):
     train.check(demo_config(**{'moco.queue_size': 256}), str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == saved
-  refused = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={tmp_path}', *FLAGS,
+  refused = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={tmp_path}', *demo_flags(),
                     '--config.model.width=8', code=cli.EXIT_BAD_INPUT)
   assert 'model.width (saved 4, now 8)' in refused.stderr and 'Traceback' not in refused.stderr
   assert (tmp_path / 'config.json').read_text() == saved

@@ -8,15 +8,10 @@ import sys
 import pytest
 
 from mocov2_jax import train
+from tests.helpers import REPO, demo_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    '--config.batch_size=32', '--config.num_epochs=2', '--config.model.width=4',
-    '--config.moco.queue_size=128', '--config.moco.bn_groups=4', '--config.data.num_train=128',
-    '--config.data.num_eval=64', '--config.data.image_size=16', '--config.data.shuffle_buffer=128',
-    '--config.knn.every_epochs=1', '--config.log_every_steps=2',
-    '--config.checkpoint_every_steps=2', '--config.num_summary_pairs=2',
-]
+# The tiny demo with its kNN monitor, a checkpoint every 2 steps and augmented pairs logged.
+TINY = demo_flags(**{'knn.every_epochs': 1, 'log_every_steps': 2, 'num_summary_pairs': 2})
 
 
 def run_main(workdir, *overrides):

@@ -10,26 +10,22 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 from mocov2_jax import checkpoints, cli, loop
-from tests.helpers import REPO
+from tests.helpers import REPO, main_cmd
 
-# A folder of 128 readable images and 3 unreadable files: 131 // 32 = 4 steps an epoch, 8 in all,
-# 8 BN groups of 4 examples. Host augmentation: the step compiles in about half the time, and the
-# device recipe's draws are keyed by the example's row of the global batch, which these runs show
-# to be the same on any number of processes. lr 0.00075 (base_lr / 10): at the demo's lr this
-# tiny network turns float32 rounding (1e-7) into loss differences of 1e-3 by step 8, between 1
-# and 4 devices of one process as much as between processes.
-SMALL = {'batch_size': 32, 'num_epochs': 2, 'model.width': 4, 'moco.queue_size': 128,
-         'moco.bn_groups': 8, 'data.image_size': 16, 'data.source': 'folder',
-         'data.eval_split': 'train', 'data.augment_on': 'host', 'optim.base_lr': 0.006,
-         'knn.every_epochs': 0, 'num_summary_pairs': 0, 'log_every_steps': 1,
-         'checkpoint_every_steps': 3}
+# The tiny demo on a folder of 128 readable images and 3 unreadable files: 131 // 32 = 4 steps an
+# epoch, 8 in all, 8 BN groups of 4 examples. Host augmentation: the step compiles in about half
+# the time, and the device recipe's draws are keyed by the example's row of the global batch,
+# which these runs show to be the same on any number of processes. lr 0.00075 (base_lr / 10): at
+# the demo's lr this tiny network turns float32 rounding (1e-7) into loss differences of 1e-3 by
+# step 8, between 1 and 4 devices of one process as much as between processes.
+SMALL = {'moco.bn_groups': 8, 'data.source': 'folder', 'data.eval_split': 'train',
+         'data.augment_on': 'host', 'optim.base_lr': 0.006, 'checkpoint_every_steps': 3}
 UNREADABLE = ('a_truncated.jpg', 'm_empty.png', 'z_text.jpg')
 
 
@@ -60,10 +56,7 @@ def start(data, workdir, processes, devices, *flags, **config):
   folder, cache = data
   env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=cache,
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  overrides = [f'--config.{k}={v}' for k, v in
-               {**SMALL, 'data.folder': folder, **config}.items()]
-  cmd = [sys.executable, '-m', 'mocov2_jax.main', f'--config={REPO}/configs/demo.py',
-         f'--workdir={workdir}', *overrides, *flags]
+  cmd = main_cmd(workdir, *flags, **{**SMALL, 'data.folder': folder, **config})
   port = _free_port()
   procs, logs = [], []
   for i in range(processes):

@@ -3,7 +3,6 @@ the loss with a uint8 key shuffle, and the bf16 step (BN without float32 copies)
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -87,13 +86,6 @@ def test_low_precision_group_norm_gradients_are_autodiff():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
 
 
-def _config(tiny_config, **overrides):
-  c = tiny_config(**overrides)
-  c.seed = 0
-  c.data = ml_collections.ConfigDict(dict(augment_on='host', augment=recipes.recipe('mocov2')))
-  return c
-
-
 _STEPS = {}
 
 
@@ -125,8 +117,8 @@ def test_bf16_step_matches_float32(tiny_config):
   """Same state and batch: the bf16 loss is the float32 one within bf16 noise, the update points
   the same way (the backward pass through the bf16 BN is right; seen: cosine 0.948, as the
   autodiff BN gave) and the BN statistics stay float32."""
-  f32 = _config(tiny_config)
-  bf16 = _config(tiny_config, **{'model.dtype': 'bfloat16'})
+  f32 = tiny_config()
+  bf16 = tiny_config(**{'model.dtype': 'bfloat16'})
   state = _initial_state(f32)
   rng = np.random.default_rng(3)
   batches = [{k: rng.normal(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
@@ -147,9 +139,9 @@ def test_uint8_shuffle_gives_the_float32_shuffle_loss(tiny_config):
   """Device augmentation shuffles the uint8 key crops and finishes them with each example's own
   key; host augmentation shuffles the finished float32 views. On the same views (finished here
   with the step's keys) the two steps give the same loss and state."""
-  device_cfg = _config(tiny_config)
+  device_cfg = tiny_config()
   device_cfg.data.augment_on = 'device'
-  host_cfg = _config(tiny_config)
+  host_cfg = tiny_config()
   state = _initial_state(host_cfg)
   rng = np.random.default_rng(4)
   crops = {k: rng.integers(0, 256, (BATCH, IMAGE, IMAGE, 3), np.uint8) for k in ('view1', 'view2')}
