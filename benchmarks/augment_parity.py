@@ -89,7 +89,8 @@ def main():
       rows.append(f'| {mode} | {seed} | {init:.2f} | {final:.2f} | {final - init:+.2f} | '
                   f'{(time.time() - tick) / 60:.1f} |')
       print(rows[-1], flush=True)
-  print('\n| augmentation | seed | kNN at init | after | gain | minutes |\n|---|---|---|---|---|---|')
+  print('\n| augmentation | seed | kNN at init | after | gain | minutes |')
+  print('|---|---|---|---|---|---|')
   print('\n'.join(rows))
   spread = lambda g: statistics.stdev(g) if len(g) > 1 else float('nan')
   for mode, g in gains.items():

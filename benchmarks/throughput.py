@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mocov2_jax import defaults, methods, optim, xla_stats  # noqa: E402  pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+from mocov2_jax import defaults, methods, optim, xla_stats  # noqa: E402
 from mocov2_jax.data import device_augment  # noqa: E402  pylint: disable=g-import-not-at-top
 
 VIEWS = ('view1', 'view2')

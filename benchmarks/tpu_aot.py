@@ -173,8 +173,8 @@ def measure(case, devices):
               capacity_gib=capacity, fits=mem['peak'] <= capacity * GIB,
               flops_per_image=cost['flops'] / case.per_chip,
               bytes_per_image=cost['bytes'] / case.per_chip,
-              collective_mb=sum(comm.values()) / 1e6, seconds=seconds, bound=bound,
-              images_per_s=case.per_chip / seconds)
+              collective_mb=sum(comm.values()) / 1e6, collectives=comm, seconds=seconds,
+              bound=bound, images_per_s=case.per_chip / seconds)
 
 
 def cases(quick):
@@ -220,7 +220,14 @@ def main():
     print(f'{case.name:44s} {hbm:>13s} {row["flops_per_image"] / 1e9:10.2f} '
           f'{row["bytes_per_image"] / 1e6:8.1f} {row["collective_mb"]:13.1f} '
           f'{row["images_per_s"]:15.0f} {row["bound"]:>8s} {row["compile_s"]:9.0f}', flush=True)
-  print('(!): does not fit in the chip\'s HBM')
+  if any(not r.get('fits', True) for r in rows):
+    print('(!): does not fit in the chip\'s HBM')
+  for r in rows:
+    if 'error' not in r and r['collective_mb'] > 0:
+      c = r['collectives']
+      print(f'{r["case"].name}: collectives per step per chip: image batches '
+            f'{c["views"] / 1e6:.1f} MB, all-reduce {c["all-reduce"] / 1e6:.1f} MB, '
+            f'other {c["other"] / 1e6:.1f} MB')
   summary(rows)
 
 

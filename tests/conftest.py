@@ -1,12 +1,19 @@
 """Shared test setup.
 
 XLA reads XLA_FLAGS once, when the CPU backend starts, so the 8 fake CPU devices of the
-multi-device tests must be requested here, before any test module imports jax. Every test
-therefore sees 8 CPU devices; single-device tests put their arrays on the default device.
+multi-device tests must be requested here, before any test module imports jax (which reads its
+cache settings on import too). Every test therefore sees 8 CPU devices; single-device tests put
+their arrays on the default device.
 """
 import os
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# One persistent XLA cache for the whole suite, the programs it starts included (they inherit the
+# environment): the tiny demo's step, compiled by dozens of runs, compiles once per machine.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'mocov2_jax_tests_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import ml_collections  # noqa: E402
 import pytest  # noqa: E402

@@ -94,7 +94,8 @@ def test_a_recipe_off_by_one_field_is_caught():
   """The same checks reject device draws from a recipe with one field wrong."""
   r = recipes.recipe('mocov2')
   host = host_params(r)
-  for field, value, caught in [('jitter_p', 0.7, 'jitter'), ('blur_sigma', (0.1, 1.6), 'blur_sigma'),
+  for field, value, caught in [('jitter_p', 0.7, 'jitter'),
+                               ('blur_sigma', (0.1, 1.6), 'blur_sigma'),
                                ('jitter', (0.4, 0.4, 0.4, 0.05), 'factor 3'),
                                ('gray_p', 0.25, 'gray')]:
     wrong = recipes.recipe('mocov2')

@@ -378,7 +378,8 @@ def test_moco_file_continues_in_pytorch_sgd_and_back(tiny, tmp_path):
   for g in opt.param_groups:
     g['lr'] = lr
   grads = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), state.params)
-  named = {names.torch_name(p): names.to_torch(p, g) for p, g in traverse_util.flatten_dict(grads).items()}
+  named = {names.torch_name(p): names.to_torch(p, g)
+           for p, g in traverse_util.flatten_dict(grads).items()}
   for name, p in model.encoder_q.named_parameters():
     p.grad = torch.from_numpy(np.array(named[name]))
   opt.step()

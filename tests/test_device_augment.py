@@ -55,7 +55,8 @@ def test_grayscale_flip_normalize_match_host():
   assert dev.normalize(X, recipes.recipe('simclr')) is X
   only_flip = dict(fixed_params(False), flip=True)
   got = dev.finish(IMAGE, device_params(only_flip), recipes.recipe('simclr'))
-  unflipped = dev.finish(IMAGE[:, ::-1], device_params(fixed_params(False)), recipes.recipe('simclr'))
+  unflipped = dev.finish(IMAGE[:, ::-1], device_params(fixed_params(False)),
+                         recipes.recipe('simclr'))
   np.testing.assert_array_equal(got, unflipped)   # a mirror image, nothing else
   np.testing.assert_allclose(got, X[:, ::-1], rtol=0, atol=1e-7)   # x / 255 to the last bit or so
 

@@ -73,8 +73,8 @@ def test_no_readable_checkpoint_stops_in_one_line_and_never_starts_afresh(traine
   assert (workdir / 'config.json').read_text() == config_before
   assert sorted(os.listdir(workdir / 'checkpoints')) == [
       '4.unreadable', '6.unreadable', '8.unreadable']
-  result = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={workdir}', *demo_flags(),
-                   '--config.num_epochs=3', code=cli.EXIT_BAD_INPUT)
+  result = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={workdir}',
+                   *demo_flags(), '--config.num_epochs=3', code=cli.EXIT_BAD_INPUT)
   assert 'no checkpoint in' in _one_line_error(result) and 'new --workdir' in result.stderr
   assert (workdir / 'config.json').read_text() == config_before
   assert not any(n.isdigit() for n in os.listdir(workdir / 'checkpoints'))   # no fresh start
@@ -123,8 +123,8 @@ def test_a_full_disk_stops_in_one_line_keeps_the_checkpoints_and_resumes(trained
     shutil.rmtree(workdir / 'checkpoints' / '4')   # step 6 left: saves at 8, 10, 12 to come
     free = shutil.disk_usage(disk).free
     (disk / 'filler').write_bytes(b'\0' * (free - 64 * 1024))   # room for logs, not a step
-    result = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={workdir}', *demo_flags(),
-                     '--config.num_epochs=3', code=cli.EXIT_CANNOT_WRITE)
+    result = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={workdir}',
+                     *demo_flags(), '--config.num_epochs=3', code=cli.EXIT_CANNOT_WRITE)
     last = _one_line_error(result)
     assert 'No space left on device' in last and 'checkpoints/8' in last, last
     assert 'intact (latest: step 6)' in last and 'run the same command' in last
@@ -160,8 +160,8 @@ def test_one_run_per_workdir(tmp_path, caplog):
   lock.acquire()
   try:
     started = time.time()
-    result = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={workdir}', *demo_flags(),
-                     code=cli.EXIT_BAD_INPUT)
+    result = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={workdir}',
+                     *demo_flags(), code=cli.EXIT_BAD_INPUT)
     last = _one_line_error(result)
     assert f'is in use by another run (host {os.uname().nodename}, pid {os.getpid()}' in last
     assert time.time() - started < 120
@@ -263,7 +263,8 @@ def test_the_launcher_forwards_sigterm_to_every_worker(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
   cmd = ['bash', 'launch/local_processes.sh', '2', f'--config={REPO}/configs/demo.py',
-         f'--workdir={tmp_path}', *demo_flags(), '--config.num_epochs=500', '--config.log_every_steps=1']
+         f'--workdir={tmp_path}', *demo_flags(), '--config.num_epochs=500',
+         '--config.log_every_steps=1']
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
                           start_new_session=True)
   lines = []

@@ -73,8 +73,8 @@ def test_resume_refuses_a_changed_model_and_keeps_the_old_config_on_other_change
   with pytest.raises(ValueError, match=r'moco.queue_size \(saved 128, now 256\)'):
     train.check(demo_config(**{'moco.queue_size': 256}), str(tmp_path))
   assert (tmp_path / 'config.json').read_text() == saved
-  refused = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={tmp_path}', *demo_flags(),
-                    '--config.model.width=8', code=cli.EXIT_BAD_INPUT)
+  refused = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={tmp_path}',
+                    *demo_flags(), '--config.model.width=8', code=cli.EXIT_BAD_INPUT)
   assert 'model.width (saved 4, now 8)' in refused.stderr and 'Traceback' not in refused.stderr
   assert (tmp_path / 'config.json').read_text() == saved
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']

@@ -91,8 +91,9 @@ def _read(ds, bad, first_bad, name, start, total=None, holes=True):
     except StopIteration:
       break
     except tf.errors.OpError as e:
-      raise errors.BadInput(f'cannot read {first_bad(expected)} ({e.message.splitlines()[0]}): '
-                            'remove or re-encode it, or set --config.data.on_bad_image=skip') from None
+      raise errors.BadInput(
+          f'cannot read {first_bad(expected)} ({e.message.splitlines()[0]}): remove or '
+          're-encode it, or set --config.data.on_bad_image=skip') from None
     if not holes:
       yield batch
       continue
