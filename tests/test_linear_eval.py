@@ -13,6 +13,7 @@ import pytest
 from mocov2_jax import linear, linear_eval, methods, train
 from tests.helpers import REPO, demo_config
 
+
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
   c = demo_config(num_train_steps=2)
