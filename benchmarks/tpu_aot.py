@@ -9,7 +9,8 @@ never sees libtpu): a separate venv holds the project and `jax[tpu]` at the proj
   /tmp/tpu-venv/bin/python benchmarks/tpu_aot.py --quick   # MoCo v2 R50 bf16 + peers, v5e:2x2
   /tmp/tpu-venv/bin/python benchmarks/tpu_aot.py           # every case and topology
 
-Per case: HBM per chip (arguments + temporaries + outputs not aliased to a donated argument)
+Per case, per device (a chip; on v4, whose topologies list both TensorCores of a chip, a core with
+half the chip's figures): HBM (arguments + temporaries + outputs not aliased to a donated argument)
 against the chip's capacity; FLOPs and bytes accessed per image (XLA's cost analysis of the
 per-chip program); collective bytes per step per chip (from the partitioned HLO); and a roofline
 time, max(FLOPs / peak, bytes / HBM bandwidth), from the chip's published figures (CHIPS), turned
@@ -57,7 +58,7 @@ class Case:
   job: str                 # mocov2, mocov1, simclr, supervised, linear, augment
   dtype: str = 'bfloat16'
   augment_on: str = 'device'
-  per_chip: int = 32       # images per chip per step
+  per_chip: int = 32       # images per device (a chip, or a v4 TensorCore) per step
   topology: str = 'v5e:2x2'
   image_size: int = 224
 
@@ -161,6 +162,9 @@ def lowered(case, devices):
 def measure(case, devices):
   """A row of the table: the compiled case's figures, or the compiler's error."""
   peak, bandwidth, capacity = CHIPS[case.topology.split(':')[0]]
+  # A v4 topology lists each chip's two TensorCores as devices: a device gets half the chip.
+  cores = len(devices) // len({tuple(d.coords) for d in devices})
+  peak, bandwidth, capacity = peak / cores, bandwidth / cores, capacity / cores
   tick = time.perf_counter()
   try:
     compiled = lowered(case, devices).lower(lowering_platforms=('tpu',)).compile()
@@ -216,7 +220,7 @@ def main():
     if 'error' in row:
       print(f'{case.name:44s} did not compile: {row["error"]}', flush=True)
       continue
-    hbm = f'{row["hbm_gib"]:.2f}/{row["capacity_gib"]}' + ('' if row['fits'] else ' (!)')
+    hbm = f'{row["hbm_gib"]:.2f}/{row["capacity_gib"]:g}' + ('' if row['fits'] else ' (!)')
     print(f'{case.name:44s} {hbm:>13s} {row["flops_per_image"] / 1e9:10.2f} '
           f'{row["bytes_per_image"] / 1e6:8.1f} {row["collective_mb"]:13.1f} '
           f'{row["images_per_s"]:15.0f} {row["bound"]:>8s} {row["compile_s"]:9.0f}', flush=True)
