@@ -354,7 +354,7 @@ def main():
   rows['  minus device augmentation (x forward)'] = (
       step_flops['host'] / fwd, (step_flops['device'] - aug_flops) / fwd, '.3f')
 
-  print('\n| per image or step | host augmentation (today) | device augmentation | device / host |')
+  print('\n| per image or step | host augmentation | device augmentation | device / host |')
   print('|---|---|---|---|')
   for name, (a, b, fmt) in rows.items():
     ratio = f'{b / a:.3f}' if a and b is not None else '-'
