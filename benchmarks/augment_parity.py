@@ -20,11 +20,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCHIVE = os.path.join(REPO, '..', 'shared', 'data', 'cifar10_jpg.tar.gz')
+import cifar10_knn  # benchmarks/, the script's own folder
+
+REPO, ARCHIVE = cifar10_knn.REPO, cifar10_knn.ARCHIVE
 # The issue's protocol: width 16, batch 256, K 4096, m 0.99, tau 0.1, constant lr 0.06, 15 epochs.
 RECIPE = ['--config.model.width=16', '--config.batch_size=256', '--config.optim.base_lr=0.06',
           '--config.optim.schedule=constant', '--config.num_epochs=15',
@@ -34,17 +34,11 @@ RECIPE = ['--config.model.width=16', '--config.batch_size=256', '--config.optim.
 
 def subset(archive, root, per_class, test_per_class=200):
   """DIR/train/<class>/ with `per_class` images per class and DIR/test/ with `test_per_class`:
-  the first in sorted order, copied from the extracted archive."""
+  the first in sorted order, copied from the archive (extracted once, as cifar10_knn does)."""
   folder = os.path.join(root, f'cifar10_{per_class}')
   if os.path.isdir(os.path.join(folder, 'test')):
     return folder
-  full = os.path.join(root, 'cifar10')
-  if not os.path.isdir(os.path.join(full, 'test')):
-    if not os.path.exists(archive):
-      sys.exit(f'{archive} not found: this benchmark needs the shared CIFAR-10 JPEG archive.')
-    os.makedirs(root, exist_ok=True)
-    with tarfile.open(archive) as tar:
-      tar.extractall(root, filter='data')
+  full = cifar10_knn.extract(archive, root)
   tmp = folder + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
   for split, n in (('train', per_class), ('test', test_per_class)):

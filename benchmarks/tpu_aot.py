@@ -82,10 +82,10 @@ def config_of(case, chips):
   return c
 
 
-def abstract(tree, sharding):
-  """Shapes of `tree` (built abstractly: nothing is computed) placed with `sharding`."""
+def abstract(build, sharding):
+  """Shapes of what `build()` returns (traced, nothing computed), placed with `sharding`."""
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                      jax.eval_shape(lambda: tree()))
+                      jax.eval_shape(build))
 
 
 class Supervised(nn.Module):
