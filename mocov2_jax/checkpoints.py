@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 
 import jax
@@ -58,8 +59,10 @@ def write_results(workdir, results):
 
 
 def manager(workdir, keep: int) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(path(workdir) / 'checkpoints',
-                               options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+  """Partial steps a killed run left behind (<step>.orbax-checkpoint-tmp) go at its first save."""
+  return ocp.CheckpointManager(
+      path(workdir) / 'checkpoints',
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True))
 
 
 def save(mgr, state, *, force=False):
@@ -75,15 +78,26 @@ def save(mgr, state, *, force=False):
     if cause is None:
       raise
     where = epath.Path(mgr.directory) / str(step)
-    if jax.process_index() == 0:   # the partial write of this step, never a checkpoint: its
-      for partial in where.parent.glob(f'{step}.orbax-checkpoint-tmp*'):   # room back
-        partial.rmtree(missing_ok=True)
+    if jax.process_index() == 0:
+      _remove_partial(mgr, step)
     kept = [s for s in mgr.all_steps() if s != step]
     raise errors.CannotWrite(
         f'cannot save checkpoint {where}: {cause.strerror}. '
         + (f'The earlier checkpoints are intact (latest: step {max(kept)}); ' if kept else
            'No earlier checkpoint exists; ')
         + 'free space or fix the permissions, then run the same command to resume.') from e
+
+
+def _remove_partial(mgr, step, limit_s=60.0):
+  """Gives back the room of a failed save's partial step (never a checkpoint). The first error
+  surfaces while orbax's other writer threads may still run; they would recreate the folder
+  (or fail on its removal), so they are waited for first."""
+  deadline = time.monotonic() + limit_s
+  for thread in threading.enumerate():
+    if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
+      threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))   # (orbax's re-raises)
+  for partial in epath.Path(mgr.directory).glob(f'{step}.orbax-checkpoint-tmp*'):
+    partial.rmtree(missing_ok=True)
 
 
 UNREADABLE = '.unreadable'   # suffix of a checkpoint moved aside because it failed to restore

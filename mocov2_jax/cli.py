@@ -34,12 +34,11 @@ class Stop(Exception):
 
 def _quiet_orbax(record):
   """Orbax logs every save at INFO; keep its warnings and our own progress lines, but not the
-  traceback of a save the storage refused (the program says that in one line)."""
-  if '/orbax/' not in record.pathname:
-    return True
+  tracebacks of a save the storage refused, from orbax's threads or asyncio's tasks (the
+  program says that in one line)."""
   if record.exc_info and errors.storage_cause(record.exc_info[1]) is not None:
     return False
-  return record.levelno >= pylogging.WARNING
+  return '/orbax/' not in record.pathname or record.levelno >= pylogging.WARNING
 
 
 def _benign(exc):

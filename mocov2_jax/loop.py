@@ -13,6 +13,7 @@ without saving the diverged state; SIGTERM / SIGINT save the current step first.
 import collections
 import contextlib
 import signal
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -243,12 +244,17 @@ def _run(exp, workdir):
       if start >= exp.total_steps and not results:   # a finished run without results
         evaluate(start)
   finally:
+    failing = sys.exc_info()[1]   # the run's own error, not one of closing after it
     if len(hooks) > 1:
       try:
         jax.profiler.stop_trace()   # a trace still open when the run ended
       except RuntimeError:
         pass   # none was
-    mgr.close()
+    try:
+      mgr.close()   # waits for a save in flight; re-raises a failed save's error
+    except Exception:  # pylint: disable=broad-except
+      if failing is None:
+        raise
   writer.flush()
   results.update(exp.summary(), step=int(state.step), epochs=int(state.step) / exp.steps_per_epoch)
   if lead:

@@ -154,6 +154,23 @@ def test_a_refused_save_names_its_cause_and_keeps_the_earlier_steps(trained, tmp
   assert all_finite(workdir / 'checkpoints' / '6')
 
 
+def test_a_partial_step_left_by_a_killed_save_is_removed_on_start(tmp_path):
+  """SIGKILL mid-save leaves <step>.orbax-checkpoint-tmp: never a checkpoint; removed when the
+  resumed run first saves."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mgr = checkpoints.manager(tmp_path, 3)
+  mgr.save(2, args=ocp.args.StandardSave({'w': np.ones(3)}))
+  mgr.close()
+  partial = tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp' / 'default'
+  partial.mkdir(parents=True)
+  (partial / 'data').write_bytes(b'\0' * 1024)
+  mgr = checkpoints.manager(tmp_path, 3)
+  assert mgr.all_steps() == [2]
+  mgr.save(6, args=ocp.args.StandardSave({'w': np.ones(3)}))   # (orbax awaits its clean-up here)
+  mgr.close()
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '6']
+
+
 def test_one_run_per_workdir(tmp_path, caplog):
   workdir = tmp_path / 'w'
   lock = checkpoints.WorkdirLock(workdir)
