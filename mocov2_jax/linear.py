@@ -6,6 +6,7 @@ centre-crop features are extracted once and linear layers are trained on them, o
 rate of `sweep_lrs` in the same pass; the lr is chosen on a held-out part of train, never test.
 """
 import functools
+import json
 
 import flax
 import flax.linen as nn
@@ -218,14 +219,17 @@ def train_step(state, frozen, batch, *, features, lrs, protocol_lr, lr_schedule)
 
 class LinearExperiment(loop.Experiment):
   """Linear heads on frozen `features(frozen, x)`; `make_batches(start)`: process-local dict(x,
-  label) batches; `eval_batches()`: padded dict(x, label, mask) batches of the eval split."""
+  label) batches; `eval_batches()`: padded dict(x, label, mask) batches of the eval split;
+  `held_out_batches()`, in a sweep: the same of the train examples held out to choose the lr.
+  `backbone`: the frozen backbone on the devices, checked against the checkpoint at the end
+  (None: features given as they are, no checkpoint)."""
 
   def __init__(self, cfg, *, num_classes, feature_dim, steps_per_epoch, features, frozen,
-               make_batches, eval_batches):
-    self.config, self.steps_per_epoch, self.frozen = cfg, steps_per_epoch, frozen
-    self.total_steps = steps_per_epoch * cfg.num_epochs
-    if cfg.num_train_steps > 0:
-      self.total_steps = min(self.total_steps, cfg.num_train_steps)
+               make_batches, eval_batches, backbone, held_out_batches=None, held_out=0,
+               bad=None):
+    super().__init__(cfg, steps_per_epoch)
+    self.frozen, self.backbone, self.bad = frozen, backbone, bad
+    self.num_classes, self.held_out_batches, self.held_out = num_classes, held_out_batches, held_out
     mesh, self.repl, self.batch_sharding = methods.mesh_and_shardings()
     self.lrs = head_lrs(cfg)
     self.classifier = Classifier(num_classes, len(self.lrs))
@@ -268,3 +272,33 @@ class LinearExperiment(loop.Experiment):
     results['eval'] = [dict(lr=lr, top1=float(a), top5=float(b))
                        for lr, a, b in zip(self.lrs, top1, top5)]
     return {f'val_top1_lr{lr:g}': float(a) for lr, a in zip(self.lrs, top1)}
+
+  def final_results(self, state, results):
+    """The chosen head's accuracy (the protocol's lr, or the sweep's best on held-out train),
+    every head's in a sweep, and what was evaluated how."""
+    cfg = self.config
+    if self.backbone is not None:
+      check_unchanged(self.backbone, cfg.pretrained_checkpoint)
+      results.update(backbone_unchanged=True, checkpoint=dict(
+          path=cfg.pretrained_checkpoint,
+          step=int(checkpoints.path(cfg.pretrained_checkpoint).name)))
+    if 'eval' not in results:   # the loop evaluates at the last step; a run that ended earlier
+      self.evaluate(state, int(state.step), results)
+    heads = results.pop('eval')
+    if self.held_out_batches is not None:
+      held_top1, _ = self.accuracy(state.params, self.held_out_batches())
+      for h, a in zip(heads, held_top1):
+        h['holdout_top1'] = float(a)
+    protocol = next(h for h in heads if h['lr'] == float(cfg.optim.base_lr))
+    sweep = self.held_out_batches is not None
+    best = max(heads, key=lambda h: h['holdout_top1']) if sweep else protocol
+    results.update(
+        top1=best['top1'], top5=best['top5'], lr=best['lr'], protocol_lr=protocol,
+        sweep=heads if sweep else [],
+        selection=(f'lr chosen on {self.held_out} held-out train examples (fraction '
+                   f'{cfg.holdout_fraction}), never on test' if sweep else 'one lr, no sweep'),
+        mode='fast' if cfg.fast else 'protocol',
+        note=FAST_NOTE if cfg.fast else 'linear protocol (frozen backbone, crop + flip views)',
+        num_classes=self.num_classes, feature_dim=self.feature_dim,
+        config=json.loads(cfg.to_json_best_effort()))
+    return results

@@ -10,7 +10,6 @@ once and one linear layer per learning rate of `sweep_lrs` (the protocol's among
 on them with the same optimizer and schedule; the lr is chosen on a held-out part of train.
 Starting again with the same --workdir resumes from its latest checkpoint.
 """
-import json
 import time
 
 import jax
@@ -80,91 +79,59 @@ def extract_features(cfg, features, frozen, split, batch_sharding, bad=None):
   return knn.extract(fn, frozen, batches, put)
 
 
-def fast_experiment(cfg, train_set, eval_set, num_classes):
-  """Heads on cached (features, labels): with a sweep, train minus a held-out part."""
+def fast_experiment(cfg, train_set, eval_set, num_classes, backbone=None, bad=None):
+  """Heads on cached (features, labels): with a sweep, on train minus a held-out part that
+  chooses the lr."""
   (x, y), (ex, ey) = train_set, eval_set
-  identity = lambda frozen, h: h
-  return linear.LinearExperiment(
-      cfg, num_classes=num_classes, feature_dim=x.shape[1],
-      steps_per_epoch=len(y) // cfg.batch_size, features=identity, frozen={},
-      make_batches=lambda start: cached_batches(x, y, cfg.batch_size, cfg.seed, start),
-      eval_batches=lambda: cached_eval_batches(ex, ey, cfg.batch_size))
-
-
-def fit_cached(cfg, workdir, train_set, eval_set, num_classes):
-  """Fast mode: (experiment, state, per-head results, held-out count)."""
-  x, y = train_set
   sweep = len(linear.head_lrs(cfg)) > 1
   fit, held = holdout_split(len(y), cfg.holdout_fraction, cfg.seed) if sweep else (
-      np.arange(len(y)), None)
-  exp = fast_experiment(cfg, (x[fit], y[fit]), eval_set, num_classes)
-  state, _ = loop.run(exp, workdir)
-  top1, top5 = exp.accuracy(state.params, exp.eval_batches())
-  heads = [dict(lr=lr, top1=float(a), top5=float(b)) for lr, a, b in zip(exp.lrs, top1, top5)]
-  if sweep:
-    held_top1, _ = exp.accuracy(state.params, cached_eval_batches(x[held], y[held],
-                                                                  cfg.batch_size))
-    for h, a in zip(heads, held_top1):
-      h['holdout_top1'] = float(a)
-  return exp, state, heads, (len(held) if sweep else 0)
+      np.arange(len(y)), np.arange(0))
+  return linear.LinearExperiment(
+      cfg, num_classes=num_classes, feature_dim=x.shape[1],
+      steps_per_epoch=len(fit) // cfg.batch_size, features=lambda frozen, h: h, frozen={},
+      make_batches=lambda start: cached_batches(x[fit], y[fit], cfg.batch_size, cfg.seed, start),
+      eval_batches=lambda: cached_eval_batches(ex, ey, cfg.batch_size),
+      held_out_batches=(lambda: cached_eval_batches(x[held], y[held], cfg.batch_size)) if sweep
+      else None, held_out=len(held), backbone=backbone, bad=bad)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir, overridden=(), checked=None):
-  """Linear evaluation of `config.pretrained`; writes `workdir`/results.json and returns it.
-
-  `checked`: what `linear.check(config, overridden, workdir)` returned, if the caller ran it.
-  """
+def experiment(config: ml_collections.ConfigDict, overridden=(), workdir=None):
+  """The linear evaluation of `config.pretrained` after every start-up check; in fast mode its
+  features are extracted here. `overridden`: the dotted fields given on the command line."""
   from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  cfg, steps_per_epoch, num_classes = checked or linear.check(config, overridden, workdir)
+  cfg, steps_per_epoch, num_classes = linear.check(config, overridden, workdir)
   _, repl, batch_sharding = methods.mesh_and_shardings()
-  step_dir = cfg.pretrained_checkpoint
   features = linear.make_features(linear.backbone_module(cfg))
-  frozen = jax.device_put(linear.load_backbone(step_dir), repl)
-  feature_dim = resnet.feature_dim(cfg.model.arch, cfg.model.width)
+  frozen = jax.device_put(linear.load_backbone(cfg.pretrained_checkpoint), repl)
   logging.info('Backbone %s (width %d, cifar_stem %s) from %s; %s.', cfg.model.arch,
-               cfg.model.width, cfg.model.cifar_stem, step_dir,
+               cfg.model.width, cfg.model.cifar_stem, cfg.pretrained_checkpoint,
                linear.FAST_NOTE if cfg.fast else 'protocol')
-  holdout, bad = 0, BadImages()
+  bad = BadImages()
   if cfg.fast:
     tick = time.time()
     train_set = extract_features(cfg, features, frozen, cfg.data.train_split, batch_sharding, bad)
     eval_set = extract_features(cfg, features, frozen, cfg.data.eval_split, batch_sharding, bad)
     logging.info('Extracted %d + %d centre-crop features in %.1f s.', len(train_set[1]),
                  len(eval_set[1]), time.time() - tick)
-    exp, state, heads, holdout = fit_cached(cfg, workdir, train_set, eval_set, num_classes)
-  else:
-    def make_batches(start):
-      stream = pipeline.train_batches(
-          cfg.data, local_batch_size=cfg.batch_size // jax.process_count(),
-          steps_per_epoch=steps_per_epoch, seed=cfg.seed, start_step=start,
-          process_index=jax.process_index(), process_count=jax.process_count(), num_views=1,
-          bad=bad)
-      return (dict(x=b['image'], label=b['label']) for b in stream)
-    exp = linear.LinearExperiment(
-        cfg, num_classes=num_classes, feature_dim=feature_dim, steps_per_epoch=steps_per_epoch,
-        features=features, frozen=frozen, make_batches=make_batches,
-        eval_batches=lambda: eval_batches(cfg, cfg.data.eval_split, bad))
-    state, run_results = loop.run(exp, workdir)
-    heads = run_results.get('eval') or [
-        dict(lr=lr, top1=float(a), top5=float(b)) for lr, a, b in
-        zip(exp.lrs, *exp.accuracy(state.params, exp.eval_batches()))]
-  linear.check_unchanged(frozen, step_dir)
-  protocol = next(h for h in heads if h['lr'] == float(cfg.optim.base_lr))
-  best = max(heads, key=lambda h: h.get('holdout_top1', h['top1'])) if holdout else protocol
-  results = dict(
-      top1=best['top1'], top5=best['top5'], lr=best['lr'], protocol_lr=protocol,
-      sweep=heads if holdout else [],
-      selection=(f'lr chosen on {holdout} held-out train examples (fraction '
-                 f'{cfg.holdout_fraction}), never on test' if holdout else 'one lr, no sweep'),
-      step=int(state.step), epochs=int(state.step) / exp.steps_per_epoch,
-      checkpoint=dict(path=step_dir, step=int(checkpoints.path(step_dir).name)),
-      mode='fast' if cfg.fast else 'protocol',
-      note=linear.FAST_NOTE if cfg.fast else 'linear protocol (frozen backbone, crop + flip views)',
-      backbone_unchanged=True, num_classes=num_classes, feature_dim=feature_dim,
-      bad_images=bad.count, bad_image_names=bad.names,
-      config=json.loads(cfg.to_json_best_effort()))
-  if jax.process_index() == 0:
-    checkpoints.write_results(workdir, results)
+    return fast_experiment(cfg, train_set, eval_set, num_classes, frozen, bad)
+
+  def make_batches(start):
+    stream = pipeline.train_batches(
+        cfg.data, local_batch_size=cfg.batch_size // jax.process_count(),
+        steps_per_epoch=steps_per_epoch, seed=cfg.seed, start_step=start,
+        process_index=jax.process_index(), process_count=jax.process_count(), num_views=1,
+        bad=bad)
+    return (dict(x=b['image'], label=b['label']) for b in stream)
+  return linear.LinearExperiment(
+      cfg, num_classes=num_classes, feature_dim=resnet.feature_dim(cfg.model.arch, cfg.model.width),
+      steps_per_epoch=steps_per_epoch, features=features, frozen=frozen,
+      make_batches=make_batches, eval_batches=lambda: eval_batches(cfg, cfg.data.eval_split, bad),
+      backbone=frozen, bad=bad)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir, overridden=()):
+  """Linear evaluation of `config.pretrained`; the loop writes `workdir`/results.json; returns it."""
+  _, results = loop.run(experiment(config, overridden, workdir), workdir)
   return results
 
 
@@ -175,8 +142,8 @@ def main(argv):
   config = fv.config
   overridden = tuple(config_flags.get_override_values(fv['config']))
   cli.checked(checkpoints.check_workdir, fv.workdir)
-  checked = cli.checked(linear.check, config, overridden, fv.workdir)
-  r = evaluate(config, fv.workdir, overridden, checked)
+  exp = cli.checked(experiment, config, overridden, fv.workdir)   # every check, then features
+  _, r = loop.run(exp, fv.workdir)
   print(f'Linear top-1 {r["top1"]:.2f}%  top-5 {r["top5"]:.2f}% (lr {r["lr"]:g}; the '
         f'protocol\'s lr {r["protocol_lr"]["lr"]:g}: {r["protocol_lr"]["top1"]:.2f}%) after '
         f'{r["step"]} steps on {r["checkpoint"]["path"]} -- {r["note"]}')

@@ -23,6 +23,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from mocov2_jax import checkpoints, errors
+from mocov2_jax.data import bad_images
 from mocov2_jax.cli import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_PREEMPTED, Stop
 
 _EXIT_CODES = {signal.SIGTERM: EXIT_PREEMPTED, signal.SIGINT: EXIT_INTERRUPTED}
@@ -30,8 +31,16 @@ SIGNAL_SYNC_EVERY = 10   # steps between the hosts' agreement on a stop (several
 
 
 class Experiment:
-  """What a program gives the loop. Attributes: `config` (log_every_steps,
-  checkpoint_every_steps, keep_checkpoints, profile_steps), `total_steps`, `steps_per_epoch`."""
+  """What a program gives the loop: `config` (num_epochs, num_train_steps, log_every_steps,
+  checkpoint_every_steps, keep_checkpoints, profile_steps), the steps per epoch, and `bad` (a
+  BadImages its input counts into, if it reads image files)."""
+  bad = None
+
+  def __init__(self, config, steps_per_epoch: int):
+    self.config, self.steps_per_epoch = config, steps_per_epoch
+    self.total_steps = steps_per_epoch * config.num_epochs
+    if config.num_train_steps > 0:   # stops early; the schedule keeps its epochs
+      self.total_steps = min(self.total_steps, config.num_train_steps)
 
   def init_state(self):
     """The initial train state, placed on the devices."""
@@ -54,12 +63,24 @@ class Experiment:
     return {}
 
   def summary(self) -> dict:
-    """What the run met beside its metrics (e.g. skipped images): numbers are written at each
-    log step, everything is kept in results.json."""
-    return {}
+    """What the run met beside its metrics: numbers are written at each log step, everything is
+    kept in results.json. By default the unreadable images met by every process (a collective:
+    the loop calls this on all of them)."""
+    if self.bad is None:
+      return {}
+    count, names, digests = bad_images.over_processes(self.bad)
+    return dict(bad_images=count, bad_image_names=names,
+                bad_image_digests=[list(d) for d in digests])
 
   def resume(self, results):
     """Called on a resumed run with the results.json it wrote (e.g. tallies to continue)."""
+    if self.bad is not None:
+      self.bad.restore(results.get('bad_image_names', []), results.get('bad_image_digests', []))
+
+  def final_results(self, state, results) -> dict:
+    """What results.json holds at the end (the loop writes it): by default what the run
+    recorded, its summary, step and epochs; a program adds its own numbers here."""
+    return results
 
   def first_batch_images(self, batch) -> dict:
     """{name: [1, H, W, C]} images summarised once (e.g. augmented pairs); {} for none."""
@@ -257,6 +278,7 @@ def _run(exp, workdir):
         raise
   writer.flush()
   results.update(exp.summary(), step=int(state.step), epochs=int(state.step) / exp.steps_per_epoch)
+  results = exp.final_results(state, results)
   if lead:
     checkpoints.write_results(workdir, results)
   return state, results

@@ -20,11 +20,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   cli.start()
-  from mocov2_jax import train  # pylint: disable=g-import-not-at-top  (after cli.start)
+  from mocov2_jax import loop, train  # pylint: disable=g-import-not-at-top  (after cli.start)
   config, workdir = FLAGS.config, FLAGS.workdir
   cli.checked(checkpoints.check_workdir, workdir)
-  steps_per_epoch = cli.checked(train.check, config, workdir)
-  results = train.train_and_evaluate(config, workdir, steps_per_epoch)
+  exp = cli.checked(train.experiment, config, workdir)   # every check, before any long work
+  _, results = loop.run(exp, workdir)
   if results.get('knn_top1') is not None:
     init = results.get('knn_top1_init')
     final = results['knn_top1']

@@ -9,7 +9,6 @@ import numpy as np
 from absl import logging
 
 from mocov2_jax import checkpoints, config_check, knn, loop, methods, optim
-from mocov2_jax.data import bad_images
 from mocov2_jax.data.bad_images import BadImages
 
 # What shapes the train state or the method: a resumed run may not change these.
@@ -114,10 +113,7 @@ class Pretraining(loop.Experiment):
   """MoCo or SimCLR pre-training (`config.method`) with the kNN monitor as its evaluator."""
 
   def __init__(self, config, steps_per_epoch):
-    self.config, self.steps_per_epoch = config, steps_per_epoch
-    self.total_steps = steps_per_epoch * config.num_epochs
-    if config.num_train_steps > 0:
-      self.total_steps = min(self.total_steps, config.num_train_steps)
+    super().__init__(config, steps_per_epoch)
     _, self.repl, self.batch_sharding = methods.mesh_and_shardings()
     self.model = methods.create_model(config)
     self.lr = optim.schedule(config.optim, config.batch_size, steps_per_epoch, config.num_epochs)
@@ -184,15 +180,6 @@ class Pretraining(loop.Experiment):
                  feature, ', '.join(f'{f} {a:.2f}%' for f, a in accs.items()))
     return {'knn_top1': accs[feature], **{f'knn_top1_{f}': a for f, a in accs.items()}}
 
-  def summary(self):
-    """The unreadable images met by every process (the loop calls this on all of them)."""
-    count, names, digests = bad_images.over_processes(self.bad)
-    return dict(bad_images=count, bad_image_names=names,
-                bad_image_digests=[list(d) for d in digests])
-
-  def resume(self, results):
-    self.bad.restore(results.get('bad_image_names', []), results.get('bad_image_digests', []))
-
   def first_batch_images(self, batch):
     n = self.config.num_summary_pairs
     if not n:
@@ -201,11 +188,12 @@ class Pretraining(loop.Experiment):
     return {'augmented_pairs': pair_grid(local, self.config.data.augment, n)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir, steps_per_epoch=None):
-  """Pre-trains; resumes from the latest checkpoint in `workdir`. Returns the results.
+def experiment(config: ml_collections.ConfigDict, workdir=None) -> Pretraining:
+  """The pre-training of `config` after every start-up check (config, resume, devices, data)."""
+  return Pretraining(config, check(config, workdir))
 
-  `steps_per_epoch`: what `check(config, workdir)` returned, when the caller has run it.
-  """
-  steps_per_epoch = steps_per_epoch or check(config, workdir)
-  _, results = loop.run(Pretraining(config, steps_per_epoch), workdir)
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
+  """Pre-trains; resumes from the latest checkpoint in `workdir`. Returns the results."""
+  _, results = loop.run(experiment(config, workdir), workdir)
   return results

@@ -259,7 +259,7 @@ def test_no_checkpoint_holds_a_non_finite_value(tmp_path):
   checks the whole state."""
   import jax  # pylint: disable=g-import-not-at-top
   config = demo_config(num_train_steps=4)
-  exp = train.Pretraining(config, train.check(config))
+  exp = train.experiment(config)
   step = exp.train_step
 
   def poisoned(state, batch):

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mocov2_jax import linear, linear_eval, methods, train
+from mocov2_jax import linear, linear_eval, loop, methods, train
 from tests.helpers import REPO, demo_config
 
 
@@ -31,15 +31,25 @@ def linear_config(pretrained, **changes):
   return c
 
 
-def test_linear_layer_separates_cached_features(tmp_path):
-  rng = np.random.default_rng(0)
-  centres = 4.0 * rng.normal(size=(4, 16))
+def _clusters(seed, spread, dim):
+  """split(n): (features [n, dim], labels) of 4 Gaussian clusters with centres `spread` apart."""
+  rng = np.random.default_rng(seed)
+  centres = spread * rng.normal(size=(4, dim))
   def split(n):
     y = rng.integers(0, 4, n).astype(np.int32)
-    return (centres[y] + rng.normal(size=(n, 16))).astype(np.float32), y
+    return (centres[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+  return rng, split
+
+
+def test_linear_layer_separates_cached_features(tmp_path):
+  _, split = _clusters(0, 4.0, 16)
   cfg = linear_config('unused', num_epochs=5, fast=True)
-  _, state, heads, held = linear_eval.fit_cached(cfg, str(tmp_path), split(256), split(64), 4)
-  assert held == 26 and int(state.step) == 5 * (256 - 26) // 32   # 10% of train held out
+  exp = linear_eval.fast_experiment(cfg, split(256), split(64), 4)
+  state, r = loop.run(exp, str(tmp_path))
+  heads = r['sweep']
+  assert exp.held_out == 26 and int(state.step) == 5 * (256 - 26) // 32   # 10% of train held out
+  assert r['selection'].startswith('lr chosen on 26 held-out train examples')
+  assert json.load(open(tmp_path / 'results.json'))['sweep'] == heads
   assert [h['lr'] for h in heads] == [0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
   best = max(heads, key=lambda h: h['holdout_top1'])
   assert best['top1'] >= 95.0 and best['top5'] == 100.0
@@ -161,16 +171,13 @@ def test_each_head_steps_at_its_own_lr():
 
 
 def test_the_lr_is_chosen_on_held_out_train_never_on_test(tmp_path):
-  rng = np.random.default_rng(1)
-  centres = 3.0 * rng.normal(size=(4, 8))
-  def split(n):
-    y = rng.integers(0, 4, n).astype(np.int32)
-    return (centres[y] + rng.normal(size=(n, 8))).astype(np.float32), y
+  rng, split = _clusters(1, 3.0, 8)
   train_set, (tx, ty) = split(320), split(64)
   fit, held = linear_eval.holdout_split(320, 0.1, seed=0)
   assert len(held) == 32 and not set(fit) & set(held) and len(fit) + len(held) == 320
   cfg = linear_config('unused', num_epochs=2, fast=True)
-  runs = [linear_eval.fit_cached(cfg, str(tmp_path / name), train_set, (tx, labels), 4)[2]
+  runs = [loop.run(linear_eval.fast_experiment(cfg, train_set, (tx, labels), 4),
+                   str(tmp_path / name))[1]['sweep']
           for name, labels in (('a', ty), ('b', rng.permutation(ty)), ('c', (ty + 1) % 4))]
   held_scores = [[h['holdout_top1'] for h in heads] for heads in runs]
   assert held_scores[0] == held_scores[1] == held_scores[2]   # test labels never enter

@@ -26,12 +26,12 @@ class BadImages:
         self.names.append(name)
         logging.warning('Skipped an unreadable image: %s (%d so far)', name, self.count)
 
-
   def restore(self, names, digests):
-    """A resumed run's tally, from what results.json kept (`over_processes`): the examples met
-    before the stop are not counted again."""
-    self._seen = {tuple(int(x) for x in d) for d in digests}
-    self.count, self.names = len(self._seen), list(names)[:MAX_NAMED]
+    """Adds a resumed run's tally, from what results.json kept (`over_processes`): the examples
+    met before the stop are not counted again."""
+    self._seen |= {tuple(int(x) for x in d) for d in digests}
+    self.count = len(self._seen)
+    self.names = list(dict.fromkeys([*names, *self.names]))[:MAX_NAMED]
 
 
 def _digest(name) -> tuple:
