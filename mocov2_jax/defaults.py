@@ -25,7 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       arch='resnet50', width=64, cifar_stem=False, head='mlp', dim=128, dtype='float32'))
   c.moco = ml_collections.ConfigDict(dict(
-      queue_size=65536, momentum=0.999, temperature=0.2, bn_groups=8, symmetric=False))
+      queue_size=65536, momentum=0.999, temperature=0.2, bn_groups=8, symmetric=False,
+      momentum_schedule='constant'))   # or 'cosine': BYOL's, from `momentum` up to 1
   # SimCLR's own settings; its BN is global (one group over the 2N views of the global batch).
   c.simclr = ml_collections.ConfigDict(dict(temperature=0.1))
   c.optim = ml_collections.ConfigDict(dict(

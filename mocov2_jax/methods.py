@@ -96,7 +96,7 @@ def is_device_augmented(config) -> bool:
 
 
 def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=None,
-              finish=lambda x, view, rows=None: x):
+              finish=lambda x, view, rows=None: x, momentum=None):
   """One MoCo step: momentum update, shuffled keys, InfoNCE, SGD, enqueue.
 
   `batch['view1']`, `batch['view2']`: the two views of the global batch, [N, H, W, 3], finished
@@ -104,10 +104,12 @@ def moco_step(state: MoCoState, batch, *, moco_cfg, lr_schedule, batch_sharding=
   With `moco_cfg.symmetric`, both views serve as queries (the reference CIFAR demo's option):
   loss = L(q1, k2) + L(q2, k1), and 2N keys are enqueued. `batch_sharding` keeps the shuffled key
   batch split over the devices (a gather alone would leave it replicated: every device would run
-  the key encoder on the whole global batch).
+  the key encoder on the whole global batch). `momentum`: step -> m (`moco.momentum_schedule`);
+  by default the constant `moco_cfg.momentum`.
   """
   tau = moco_cfg.temperature
-  key_params = moco.momentum_update(state.key_params, state.params, moco_cfg.momentum)
+  m = moco_cfg.momentum if momentum is None else momentum(state.step)
+  key_params = moco.momentum_update(state.key_params, state.params, m)
   rngs = jax.random.split(jax.random.fold_in(state.rng, state.step), 2)
 
   def keys(x, view, rng, key_stats):
@@ -174,14 +176,19 @@ def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule, batch_shar
                                                       **simclr.summaries(s, tau))
 
 
-def train_step(state, batch, *, config, lr_schedule, batch_sharding=None):
-  """The step of `config.method`."""
+def train_step(state, batch, *, config, lr_schedule, batch_sharding=None, total_steps=None):
+  """The step of `config.method`. `total_steps`: where a schedule other than the lr's ends (the
+  key encoder's momentum); None for a constant momentum."""
   finish = view_finisher(config, state.step)
   if config.method == 'simclr':
     return simclr_step(state, batch, simclr_cfg=config.simclr, lr_schedule=lr_schedule,
                        batch_sharding=batch_sharding, finish=finish)
+  momentum = None
+  if config.moco.momentum_schedule != 'constant':
+    momentum = moco.momentum_schedule(config.moco.momentum, total_steps,
+                                      config.moco.momentum_schedule)
   return moco_step(state, batch, moco_cfg=config.moco, lr_schedule=lr_schedule,
-                   batch_sharding=batch_sharding, finish=finish)
+                   batch_sharding=batch_sharding, finish=finish, momentum=momentum)
 
 
 def mesh_and_shardings(devices=None):
@@ -191,10 +198,10 @@ def mesh_and_shardings(devices=None):
   return mesh, NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
 
-def jit_train_step(config, lr_schedule, state_sharding, batch_sharding):
+def jit_train_step(config, lr_schedule, state_sharding, batch_sharding, total_steps=None):
   """The step compiled over the mesh, with the state donated (no copies, no host sync)."""
   def step(state, batch):
     return train_step(state, batch, config=config, lr_schedule=lr_schedule,
-                      batch_sharding=batch_sharding)
+                      batch_sharding=batch_sharding, total_steps=total_steps)
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, state_sharding), donate_argnums=0)

@@ -19,6 +19,17 @@ def momentum_update(key_params, query_params, m: float):
   return jax.tree.map(lambda k, q: m * k + (1.0 - m) * q, key_params, query_params)
 
 
+def momentum_schedule(m: float, total_steps: int, kind: str = 'constant'):
+  """step -> the key encoder's momentum. 'constant': m (the papers'). 'cosine': BYOL's (Grill et
+  al. 2020), from m at step 0 up to 1 at `total_steps`, 1 - (1 - m) (cos(pi t / T) + 1) / 2:
+  short runs whose keys must follow the query early and settle late."""
+  if kind == 'constant':
+    return lambda step: jnp.float32(m)
+  if kind == 'cosine':
+    return lambda step: 1.0 - (1.0 - m) * (jnp.cos(jnp.pi * step / total_steps) + 1.0) / 2.0
+  raise ValueError(f"unknown moco.momentum_schedule {kind!r}: use 'constant' or 'cosine'.")
+
+
 def logits(q, k, queue, tau: float):
   """[l_pos, l_neg] / tau: column 0 is the positive key, the rest are the queue's negatives."""
   l_pos = jnp.sum(q * k, axis=-1, keepdims=True)

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mocov2_jax import checkpoints, config_check, knn, loop, methods, optim
+from mocov2_jax import checkpoints, config_check, knn, loop, methods, moco, optim
 from mocov2_jax.data.bad_images import BadImages
 
 # What shapes the train state or the method: a resumed run may not change these.
@@ -33,6 +33,7 @@ def validate(config, num_devices: int, num_processes: int = 1):
     if b % groups or b // groups < 2:
       raise ValueError(f'batch_size={b} does not split into moco.bn_groups={groups} BN groups '
                        f'of 2 or more examples: change --config.moco.bn_groups or the batch size.')
+    moco.momentum_schedule(config.moco.momentum, 1, config.moco.momentum_schedule)  # unknown kind
     keys_per_step = b * (2 if config.moco.symmetric else 1)
     if k % keys_per_step:
       raise ValueError(f'moco.queue_size={k} is not a multiple of the {keys_per_step} keys '
@@ -117,7 +118,8 @@ class Pretraining(loop.Experiment):
     _, self.repl, self.batch_sharding = methods.mesh_and_shardings()
     self.model = methods.create_model(config)
     self.lr = optim.schedule(config.optim, config.batch_size, steps_per_epoch, config.num_epochs)
-    self.train_step = methods.jit_train_step(config, self.lr, self.repl, self.batch_sharding)
+    self.train_step = methods.jit_train_step(config, self.lr, self.repl, self.batch_sharding,
+                                             steps_per_epoch * config.num_epochs)
     self.bad = BadImages()
     every = config.knn.every_epochs
     self.monitor = (KnnMonitor(config, self.model, self.batch_sharding, self.bad) if every > 0

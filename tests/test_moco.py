@@ -164,3 +164,15 @@ def test_topk_accuracy_hand_made():
   np.testing.assert_allclose(float(acc['top5']), 3 / 4)
   default = moco.topk_accuracy(z)
   assert set(default) == {'top1', 'top5'}
+
+
+def test_momentum_schedules():
+  """'cosine' is BYOL's: 1 - (1 - m) (cos(pi t / T) + 1) / 2, from m at 0 up to 1 at T."""
+  t = np.arange(0, 101)
+  cosine = moco.momentum_schedule(0.9, 100, 'cosine')
+  np.testing.assert_allclose([float(cosine(i)) for i in t],
+                             1 - 0.1 * (np.cos(np.pi * t / 100) + 1) / 2, rtol=0, atol=1e-6)
+  assert float(cosine(0)) == pytest.approx(0.9) and float(cosine(100)) == pytest.approx(1.0)
+  assert float(moco.momentum_schedule(0.99, 100)(37)) == pytest.approx(0.99)
+  with pytest.raises(ValueError, match='momentum_schedule'):
+    moco.momentum_schedule(0.9, 100, 'linear')

@@ -125,3 +125,23 @@ def test_every_encoder_pass_runs_on_the_local_shard_only(tiny_config):
   whole = [c for c in convs if re.search(rf'= f32\[{global_batch},', c)]
   assert not whole, f'{len(whole)} convolutions run on the global batch, e.g. {whole[0][:200]}'
   assert any(re.search(rf'= f32\[{local},', c) for c in convs)
+
+
+def test_a_momentum_schedule_moves_the_key_encoder_by_its_step(tiny_config):
+  """'cosine' from m = 0 over 2 steps: m(0) = 0 (the keys take the query's weights as they were
+  before its update), m(1) = 0.5 (halfway between the keys and the query)."""
+  config = tiny_config(**{'moco.momentum': 0.0, 'moco.momentum_schedule': 'cosine'})
+  sched = optim.schedule(config.optim, BATCH, 1, 5)
+  _, repl, data = methods.mesh_and_shardings(jax.devices()[:1])
+  step = methods.jit_train_step(config, sched, repl, data, total_steps=2)
+  state = jax.device_put(_initial_state(config, sched), repl)
+  params, keys = [jax.tree.map(np.asarray, state.params)], []
+  for batch in _batches(2):
+    state, _ = step(state, jax.device_put(batch, data))
+    params.append(jax.tree.map(np.asarray, state.params))
+    keys.append(jax.tree.map(np.asarray, state.key_params))
+  for p0, p1, k1, k2 in zip(*(jax.tree.leaves(t) for t in (params[0], params[1], *keys))):
+    np.testing.assert_array_equal(k1, p0)
+    np.testing.assert_allclose(k2, 0.5 * k1 + 0.5 * p1, rtol=1e-6, atol=1e-7)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params[0]),
+                                                       jax.tree.leaves(params[1])))
