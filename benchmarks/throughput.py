@@ -253,6 +253,130 @@ def machine():
           f'{jax.device_count()} x {dev.platform} ({dev.device_kind})')
 
 
+def say(*args):
+  print(*args, file=sys.stderr, flush=True)
+
+
+# ---- one function per part of the table: {row name: (host aug, device aug, format)} ----
+def host_rows(args):
+  """Host core-ms per image of the input pipeline: (costs, data config, rows); (None, None, {})
+  without TensorFlow (the accelerator machine's path)."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+  except ImportError:
+    print('# host input parts skipped: TensorFlow is not installed')
+    return None, None, {}
+  except RuntimeError:
+    pass
+  folder = tempfile.mkdtemp(prefix='throughput_jpegs_')
+  atexit.register(shutil.rmtree, folder, True)
+  say(f'writing {args.images} JPEGs to {folder} ...')
+  jpeg_bytes = write_jpegs(folder, args.images)
+  data_cfg = make_config(args).data
+  data_cfg.update(source='folder', folder=folder)
+  say('host input cost ...')
+  host = host_input(args, data_cfg, args.images)
+  print(f'# host input: {args.images} JPEGs 500x375 q90 (mean {jpeg_bytes / 1e3:.0f} kB), '
+        'process CPU time with one tf.data thread, median of 3 passes')
+  return host, data_cfg, {
+      'host input cost (core-ms / image, both views)': (host['host'], host['device'], '.2f'),
+      '  of which decoding (core-ms / image)': (host['decode'], host['decode'], '.2f')}
+
+
+def device_augmentation_rows(args):
+  """The recipe's device half alone, timed, and its FLOPs per image: (rows, FLOPs)."""
+  say('device augmentation ...')
+  recipe = make_config(args).data.augment
+  crops = jax.device_put(synthetic_views(args, 'device')['view1'])
+  keys = [device_augment.example_keys(0, 0, args.batch, v) for v in (0, 1)]
+  aug = jax.jit(lambda x: [device_augment.augment_batch(x, k, recipe) for k in keys])
+  seconds = timed(lambda: jax.block_until_ready(aug(crops)), args.steps)
+  flops = xla_stats.cost(aug.lower(crops).compile())['flops'] / args.batch
+  return {'device augmentation (ms / image, both views)': (None, seconds / args.batch * 1e3,
+                                                           '.3f')}, flops
+
+
+def step_images_per_second(compiled, state, batch, reps, batch_size):
+  """(img/s, the latest state): the step donates its state, so each call takes the last one's."""
+  def run():
+    nonlocal state
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+  return batch_size / timed(run, reps), state
+
+
+def step_rows(args, devices):
+  """The train step of each mode on synthetic batches: (rows, {mode: (compiled, state,
+  sharding)}, {mode: FLOPs per image})."""
+  rate, flops, h2d, steps = {}, {}, {}, {}
+  for augment_on in ('host', 'device'):
+    say(f'train step ({augment_on} augmentation) ...')
+    compiled, state, data = compile_step(make_config(args, augment_on), args, devices)
+    flops[augment_on] = xla_stats.cost(compiled)['flops'] / args.batch
+    batch = jax.device_put(synthetic_views(args, augment_on), data)
+    h2d[augment_on] = sum(v.nbytes for v in batch.values()) / args.batch
+    rate[augment_on], state = step_images_per_second(compiled, state, batch, args.steps,
+                                                     args.batch)
+    steps[augment_on] = (compiled, state, data)
+  return {'train step (img/s)': (rate['host'], rate['device'], '.1f'),
+          'host -> device bytes / image': (h2d['host'], h2d['device'], ',.0f')}, steps, flops
+
+
+def end_to_end_rows(args, data_cfg, steps):
+  e2e = {}
+  for augment_on in ('host', 'device'):
+    say(f'end to end ({augment_on} augmentation) ...')
+    e2e[augment_on] = end_to_end(args, data_cfg, augment_on, steps[augment_on], args.steps)
+  return {'end to end (img/s)': (e2e['host'], e2e['device'], '.1f')}
+
+
+def collective_rows(args):
+  say('collectives on 8 CPU devices (subprocess) ...')
+  coll = collectives(args)
+  return {f'{name} (bytes / device / step, 8 devices)': (coll['host'][kind],
+                                                         coll['device'][kind], ',.0f')
+          for kind, name in (('views', 'key shuffle'), ('all-reduce', 'all-reduce (gradients)'),
+                             ('other', 'other collectives'))}
+
+
+def flops_rows(args, step_flops, aug_flops):
+  """The step's FLOPs in forward passes: (rows, forward FLOPs per image)."""
+  say('FLOPs of a forward pass ...')
+  fwd = forward_flops(make_config(args), args) / args.batch
+  return {'step FLOPs / image (x forward)': (step_flops['host'] / fwd,
+                                             step_flops['device'] / fwd, '.3f'),
+          '  minus device augmentation (x forward)': (
+              step_flops['host'] / fwd, (step_flops['device'] - aug_flops) / fwd, '.3f')}, fwd
+
+
+def print_table(rows):
+  print('\n| per image or step | host augmentation | device augmentation | device / host |')
+  print('|---|---|---|---|')
+  for name, (a, b, fmt) in rows.items():
+    ratio = f'{b / a:.3f}' if a and b is not None else '-'
+    print(f"| {name} | {'-' if a is None else format(a, fmt)} | {format(b, fmt)} | {ratio} |")
+
+
+def memory_table(args, devices, compiled_device_step):
+  say('float32 vs bfloat16 memory ...')
+  mem = {}
+  for dtype in ('float32', 'bfloat16'):
+    config = make_config(args, 'device', dtype)
+    compiled = (compiled_device_step if dtype == args.dtype else
+                compile_step(config, args, devices)[0])
+    mem[dtype] = (saved_activations(config, args), compiled.memory_analysis().temp_size_in_bytes)
+  print('\n| memory at batch {} | float32 (MB) | bfloat16 (MB) | bf16 / f32 |'.format(args.batch))
+  print('|---|---|---|---|')
+  for i, name in enumerate(('saved activations (VJP residuals of the query encoder)',
+                            f'XLA temp bytes of the step ({devices[0].platform})')):
+    a, b = mem['float32'][i], mem['bfloat16'][i]
+    print(f'| {name} | {a / 1e6:,.1f} | {b / 1e6:,.1f} | {b / a:.3f} |')
+  if devices[0].platform == 'cpu':
+    print('(XLA:CPU runs bf16 convolutions in float32, converting their inputs: its temp bytes '
+          'overstate a bf16 step; accelerators convolve in bf16)')
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--quick', action='store_true',
@@ -276,113 +400,27 @@ def main():
     return collectives_part(args)
 
   devices = jax.devices()
-  say = lambda *a: print(*a, file=sys.stderr, flush=True)
   print(f'# {machine()}')
   print(f'# MoCo v2 step: {args.arch} width {args.width}, batch {args.batch}, {args.image_size} '
         f'px, {args.dtype}; host input at {args.image_size} px')
-  rows = {}
-
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')
-  except ImportError:
-    tf = None
-  except RuntimeError:
-    pass
-  host = None
-  if tf is None:
-    print('# host input parts skipped: TensorFlow is not installed')
-  else:
-    folder = tempfile.mkdtemp(prefix='throughput_jpegs_')
-    atexit.register(shutil.rmtree, folder, True)
-    say(f'writing {args.images} JPEGs to {folder} ...')
-    jpeg_bytes = write_jpegs(folder, args.images)
-    data_cfg = make_config(args).data
-    data_cfg.update(source='folder', folder=folder)
-    say('host input cost ...')
-    host = host_input(args, data_cfg, args.images)
-    print(f'# host input: {args.images} JPEGs 500x375 q90 (mean {jpeg_bytes / 1e3:.0f} kB), '
-          'process CPU time with one tf.data thread, median of 3 passes')
-    rows['host input cost (core-ms / image, both views)'] = (host['host'], host['device'], '.2f')
-    rows['  of which decoding (core-ms / image)'] = (host['decode'], host['decode'], '.2f')
-
-  say('device augmentation ...')
-  recipe = make_config(args).data.augment
-  crops = jax.device_put(synthetic_views(args, 'device')['view1'])
-  keys = [device_augment.example_keys(0, 0, args.batch, v) for v in (0, 1)]
-  aug = jax.jit(lambda x: [device_augment.augment_batch(x, k, recipe) for k in keys])
-  aug_s = timed(lambda: jax.block_until_ready(aug(crops)), args.steps)
-  rows['device augmentation (ms / image, both views)'] = (None, aug_s / args.batch * 1e3, '.3f')
-  aug_flops = xla_stats.cost(aug.lower(crops).compile())['flops'] / args.batch
-
-  step_rate, step_flops, h2d, steps = {}, {}, {}, {}
-  for augment_on in ('host', 'device'):
-    say(f'train step ({augment_on} augmentation) ...')
-    steps[augment_on] = compile_step(make_config(args, augment_on), args, devices)
-    compiled, state, data = steps[augment_on]
-    step_flops[augment_on] = xla_stats.cost(compiled)['flops'] / args.batch
-    batch = jax.device_put(synthetic_views(args, augment_on), data)
-    h2d[augment_on] = sum(v.nbytes for v in batch.values()) / args.batch
-    holder = [state]
-
-    def run(compiled=compiled, batch=batch, holder=holder):
-      holder[0], m = compiled(holder[0], batch)
-      jax.block_until_ready(m)
-    step_rate[augment_on] = args.batch / timed(run, args.steps)
-    steps[augment_on] = (compiled, holder[0], data)   # the state was donated: keep the latest
-  rows['train step (img/s)'] = (step_rate['host'], step_rate['device'], '.1f')
-
-  if host is not None:
-    e2e = {}
-    for augment_on in ('host', 'device'):
-      say(f'end to end ({augment_on} augmentation) ...')
-      e2e[augment_on] = end_to_end(args, data_cfg, augment_on, steps[augment_on], args.steps)
-    rows['end to end (img/s)'] = (e2e['host'], e2e['device'], '.1f')
-  rows['host -> device bytes / image'] = (h2d['host'], h2d['device'], ',.0f')
-
-  say('collectives on 8 CPU devices (subprocess) ...')
-  coll = collectives(args)
-  for kind, name in (('views', 'key shuffle'), ('all-reduce', 'all-reduce (gradients)'),
-                     ('other', 'other collectives')):
-    rows[f'{name} (bytes / device / step, 8 devices)'] = (coll['host'][kind],
-                                                          coll['device'][kind], ',.0f')
-
-  say('FLOPs of a forward pass ...')
-  fwd = forward_flops(make_config(args), args) / args.batch
-  rows['step FLOPs / image (x forward)'] = (step_flops['host'] / fwd,
-                                            step_flops['device'] / fwd, '.3f')
-  rows['  minus device augmentation (x forward)'] = (
-      step_flops['host'] / fwd, (step_flops['device'] - aug_flops) / fwd, '.3f')
-
-  print('\n| per image or step | host augmentation | device augmentation | device / host |')
-  print('|---|---|---|---|')
-  for name, (a, b, fmt) in rows.items():
-    ratio = f'{b / a:.3f}' if a and b is not None else '-'
-    print(f"| {name} | {'-' if a is None else format(a, fmt)} | {format(b, fmt)} | {ratio} |")
+  host_costs, data_cfg, rows = host_rows(args)
+  aug_rows, aug_flops = device_augmentation_rows(args)
+  rows.update(aug_rows)
+  step_table, steps, step_flops = step_rows(args, devices)
+  rows.update(step_table)
+  if data_cfg is not None:
+    rows.update(end_to_end_rows(args, data_cfg, steps))
+  rows.update(collective_rows(args))
+  fwd_rows, fwd = flops_rows(args, step_flops, aug_flops)
+  rows.update(fwd_rows)
+  print_table(rows)
   print(f'\nforward pass: {fwd / 1e9:.3f} GFLOP / image; device augmentation '
         f'{aug_flops / 1e6:.1f} MFLOP / image (both views)')
-
-  say('float32 vs bfloat16 memory ...')
-  mem = {}
-  for dtype in ('float32', 'bfloat16'):
-    config = make_config(args, 'device', dtype)
-    compiled = (steps['device'][0] if dtype == args.dtype else
-                compile_step(config, args, devices)[0])
-    mem[dtype] = (saved_activations(config, args), compiled.memory_analysis().temp_size_in_bytes)
-  print('\n| memory at batch {} | float32 (MB) | bfloat16 (MB) | bf16 / f32 |'.format(args.batch))
-  print('|---|---|---|---|')
-  for i, name in enumerate(('saved activations (VJP residuals of the query encoder)',
-                            f'XLA temp bytes of the step ({devices[0].platform})')):
-    a, b = mem['float32'][i], mem['bfloat16'][i]
-    print(f'| {name} | {a / 1e6:,.1f} | {b / 1e6:,.1f} | {b / a:.3f} |')
-  if devices[0].platform == 'cpu':
-    print('(XLA:CPU runs bf16 convolutions in float32, converting their inputs: its temp bytes '
-          'overstate a bf16 step; accelerators convolve in bf16)')
-
-  if host is None:
+  memory_table(args, devices, steps['device'][0])
+  if host_costs is None:
     print('host core-ms per image: skipped (TensorFlow is not installed)')
   else:
-    a, b = host['device'], host['host']
+    a, b = host_costs['device'], host_costs['host']
     print(f'host core-ms per image: device-aug {a:.2f}, host-aug {b:.2f} ({b / a:.2f}x)')
 
 
