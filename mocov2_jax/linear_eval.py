@@ -130,7 +130,7 @@ def experiment(config: ml_collections.ConfigDict, overridden=(), workdir=None):
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir, overridden=()):
-  """Linear evaluation of `config.pretrained`; the loop writes `workdir`/results.json; returns it."""
+  """Linear evaluation of `config.pretrained`; the loop writes `workdir`/results.json, returned."""
   _, results = loop.run(experiment(config, overridden, workdir), workdir)
   return results
 

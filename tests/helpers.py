@@ -37,3 +37,16 @@ def run_cli(module, *args, code=0, timeout=600, env=None):
                           cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
   assert result.returncode == code, (result.returncode, result.stderr[-3000:])
   return result
+
+
+def all_finite(step_dir):
+  """Every floating-point array of the checkpoint at `step_dir` is finite."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mocov2_jax import checkpoints  # pylint: disable=g-import-not-at-top  (after conftest)
+  leaves = [np.asarray(x) for x in jax_leaves(checkpoints.restore_raw(step_dir))]
+  return all(np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.floating))
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top  (after conftest sets the device count)
+  return jax.tree.leaves(tree)

@@ -227,3 +227,38 @@ def test_eval_view_resize_and_centre_crop():
   want = (img[:, 12:52] / 255 - r.mean) / r.std
   np.testing.assert_allclose(got, want, atol=1e-4)
   assert augment.eval_view(tf.constant(img), r, 28, 0.875).shape == (28, 28, 3)
+
+
+# ---- the host half of device augmentation: uint8 crops (a faster resize, the same pixels) ----
+def _exact_resize(image, size, interpolation):
+  """The path `augment.resize_uint8` replaces: the float resize op, then rounding."""
+  x = tf.image.resize(tf.cast(image, tf.float32), [size, size], interpolation, antialias=True)
+  return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 255.0)), tf.uint8).numpy()
+
+
+@pytest.mark.parametrize('interpolation', ['bilinear', 'bicubic'])
+def test_resize_uint8_is_the_resize_op(interpolation):
+  """Shrinking (also by more than 2x), enlarging and mixed crops, odd sizes: the same pixels."""
+  rng = np.random.default_rng(0)
+  for h, w in [(300, 300), (375, 433), (194, 250), (120, 90), (50, 400), (224, 224), (7, 5)]:
+    image = tf.constant(rng.integers(0, 256, (h, w, 3), np.uint8))
+    got, want = augment.resize_uint8(image, 224, interpolation).numpy(), _exact_resize(
+        image, 224, interpolation)
+    assert got.dtype == np.uint8 and got.shape == (224, 224, 3)
+    # Bitwise equal here (the op's own passes, in its order); a rounding tie may flip elsewhere.
+    diff = np.abs(got.astype(int) - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, ((h, w), diff.max(), (diff > 0).mean())
+  image = rng.integers(0, 256, (24, 24, 3), np.uint8)   # no resize: the pixels themselves
+  np.testing.assert_array_equal(augment.resize_uint8(tf.constant(image), 24, interpolation), image)
+
+
+def test_crop_uint8_is_the_exact_crop_and_resize():
+  """`view`'s crop box for the same seed, resized as before, on an ImageNet-sized image."""
+  r = recipes.recipe('mocov2')
+  image = tf.constant(np.random.default_rng(1).integers(0, 256, (375, 500, 3), np.uint8))
+  for i in range(4):
+    seed = tf.constant([3, i])
+    y, x, h, w = augment.sample_params(seed, r, 375, 500)['crop'].numpy()
+    want = _exact_resize(image[y:y + h, x:x + w], 224, r.interpolation)
+    got = augment.crop_uint8(image, seed, r, 224).numpy()
+    assert np.abs(got.astype(int) - want).max() <= 1 and (got != want).mean() < 1e-3

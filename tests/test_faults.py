@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from mocov2_jax import checkpoints, cli, config_check, errors, loop, train
-from tests.helpers import REPO, demo_config, demo_flags, run_cli
-from tests.test_long_runs import all_finite
+from tests.helpers import REPO, all_finite, demo_config, demo_flags, run_cli
 
 
 def _one_line_error(result, program='main'):
@@ -272,6 +271,15 @@ def test_no_checkpoint_holds_a_non_finite_value(tmp_path):
     loop.run(exp, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   assert all_finite(tmp_path / 'checkpoints' / '2')
+
+
+def test_launch_scripts_are_valid_bash():
+  for name in ('slurm.sbatch', 'tpu_pod.sh', 'local_processes.sh'):
+    path = os.path.join(REPO, 'launch', name)
+    assert subprocess.run(['bash', '-n', path]).returncode == 0, name
+  slurm = open(os.path.join(REPO, 'launch', 'slurm.sbatch')).read()
+  assert '#SBATCH --signal=TERM@' in slurm and '#SBATCH --requeue' in slurm
+  assert '--ntasks-per-node=1' in slurm and 'scontrol requeue' in slurm
 
 
 def test_the_launcher_forwards_sigterm_to_every_worker(tmp_path):

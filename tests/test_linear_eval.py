@@ -197,3 +197,13 @@ def test_linear_eval_and_convert_take_paths_relative_to_another_folder(pretraine
   assert json.load(open(tmp_path / 'lin' / 'results.json'))['step'] == 4
   torch_io.export(os.path.join(rel, 'checkpoints', '2'), 'safetensors', 'b.safetensors')
   assert (tmp_path / 'b.safetensors').stat().st_size > 1000
+
+
+def test_a_garbage_checkpoint_is_its_message_not_an_orbax_traceback(tmp_path):
+  (tmp_path / 'junk' / 'checkpoints' / '5' / 'default').mkdir(parents=True)
+  (tmp_path / 'junk' / 'checkpoints' / '5' / 'default' / 'x').write_text('junk')
+  from configs import linear_eval_cifar10  # pylint: disable=g-import-not-at-top
+  c = linear_eval_cifar10.get_config()
+  c.pretrained = str(tmp_path / 'junk')
+  with pytest.raises(ValueError, match='not a readable checkpoint'):
+    linear.check(c)

@@ -1,5 +1,7 @@
-"""The step on 8 (fake CPU) devices equals the step on one: results depend on the BN group
-count, never on the device count. conftest.py asks XLA for 8 host devices."""
+"""The jitted step (methods.py): on 8 (fake CPU) devices it equals the step on one (results depend
+on the BN group count, never on the device count; conftest.py asks XLA for 8 host devices), each
+encoder pass stays on its shard, the momentum schedule reaches the key encoder, and bf16 or a
+uint8 key shuffle change nothing they must not. One cache of compiled steps serves them all."""
 import re
 
 import jax
@@ -7,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mocov2_jax import methods, optim
+from mocov2_jax.data import device_augment
 
 BATCH, IMAGE = 16, 16
 
@@ -14,17 +17,18 @@ BATCH, IMAGE = 16, 16
 _INITIAL = {}
 
 
-def _initial_state(config, sched):
-  """One initial state (as host arrays) for every run here: the parameter shapes do not depend
-  on the BN group count, so runs with different groups start from the same weights."""
+def _initial_state(config, sched=None):
+  """One initial state (as host arrays) for every run here: the parameter shapes depend on
+  neither the BN group count nor the dtype, so those runs start from the same weights."""
   if 'state' not in _INITIAL:
+    sched = sched or optim.schedule(config.optim, BATCH, 1, 5)
     state = methods.create_train_state(jax.random.PRNGKey(0), config, methods.create_model(config),
                                     sched, IMAGE)
     _INITIAL['state'] = jax.tree.map(np.asarray, state)
-  groups = config.moco.bn_groups
-  if groups not in _INITIAL:  # one model per group count, so that compiled steps are reused
-    _INITIAL[groups] = methods.create_model(config)
-  return _INITIAL['state'].replace(apply_fn=_INITIAL[groups].apply)
+  key = config.to_json()   # one model per config: the same apply_fn, so compiled steps are reused
+  if key not in _INITIAL:
+    _INITIAL[key] = methods.create_model(config)
+  return _INITIAL['state'].replace(apply_fn=_INITIAL[key].apply)
 
 
 def _batches(n):
@@ -33,17 +37,19 @@ def _batches(n):
            for k in ('view1', 'view2')} for _ in range(n)]
 
 
-_STEPS = {}
+_STEPS = {}   # the compiled steps of every test here, by (config, device count)
 
 
-def _run(config, devices, batches):
+def _run(config, devices, batches, state=None):
+  """The losses of the jitted steps from `state` (the shared initial one by default) over
+  `batches`, and the final state (host arrays)."""
   sched = optim.schedule(config.optim, BATCH, 1, 5)
   _, repl, data = methods.mesh_and_shardings(devices)
-  key = (config.moco.bn_groups, len(devices))  # reuse compiled steps across tests
+  key = (config.to_json(), len(devices))
   if key not in _STEPS:
     _STEPS[key] = methods.jit_train_step(config, sched, repl, data)
   train_step = _STEPS[key]
-  state = jax.device_put(_initial_state(config, sched), repl)
+  state = jax.device_put(_initial_state(config, sched) if state is None else state, repl)
   losses = []
   for b in batches:
     b = jax.device_put(b, data)
@@ -145,3 +151,48 @@ def test_a_momentum_schedule_moves_the_key_encoder_by_its_step(tiny_config):
     np.testing.assert_allclose(k2, 0.5 * k1 + 0.5 * p1, rtol=1e-6, atol=1e-7)
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params[0]),
                                                        jax.tree.leaves(params[1])))
+
+
+# ---- what feeding the accelerators faster must not change: bf16, the uint8 key shuffle ----
+def test_bf16_step_matches_float32(tiny_config):
+  """Same state and batch: the bf16 loss is the float32 one within bf16 noise, the update points
+  the same way (the backward pass through the bf16 BN is right; seen: cosine 0.948, as the
+  autodiff BN gave) and the BN statistics stay float32."""
+  f32 = tiny_config()
+  bf16 = tiny_config(**{'model.dtype': 'bfloat16'})
+  state = _initial_state(f32)
+  rng = np.random.default_rng(3)
+  batches = [{k: rng.normal(size=(BATCH, IMAGE, IMAGE, 3)).astype(np.float32)
+              for k in ('view1', 'view2')}]
+  device = jax.devices()[:1]
+  loss32, s32 = _run(f32, device, batches)
+  loss16, s16 = _run(bf16, device, batches)
+  np.testing.assert_allclose(loss16, loss32, rtol=2e-2)   # seen: 0.7%
+  delta = lambda s: np.concatenate([(a - b).ravel() for a, b in zip(
+      jax.tree.leaves(s.params), jax.tree.leaves(state.params))])
+  d32, d16 = delta(s32), delta(s16)
+  assert d16 @ d32 / np.linalg.norm(d16) / np.linalg.norm(d32) > 0.9
+  for leaf in jax.tree.leaves((s16.batch_stats, s16.key_batch_stats, s16.params)):
+    assert leaf.dtype == np.float32
+
+
+def test_uint8_shuffle_gives_the_float32_shuffle_loss(tiny_config):
+  """Device augmentation shuffles the uint8 key crops and finishes them with each example's own
+  key; host augmentation shuffles the finished float32 views. On the same views (finished here
+  with the step's keys) the two steps give the same loss and state."""
+  device_cfg = tiny_config()
+  device_cfg.data.augment_on = 'device'
+  host_cfg = tiny_config()
+  state = _initial_state(host_cfg)
+  rng = np.random.default_rng(4)
+  crops = {k: rng.integers(0, 256, (BATCH, IMAGE, IMAGE, 3), np.uint8) for k in ('view1', 'view2')}
+  finished = {k: np.asarray(device_augment.augment_batch(
+      crops[k], device_augment.example_keys(host_cfg.seed, 0, BATCH, view),
+      host_cfg.data.augment)) for view, k in enumerate(('view1', 'view2'))}
+  devices = jax.devices()[:1]   # the shuffle's sharding: test_every_encoder_pass_runs_on_...
+  loss_u8, s_u8 = _run(device_cfg, devices, [crops], state)
+  loss_f32, s_f32 = _run(host_cfg, devices, [finished], state)
+  np.testing.assert_allclose(loss_u8, loss_f32, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves((s_u8.params, s_u8.queue)),
+                  jax.tree.leaves((s_f32.params, s_f32.queue))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(np.abs(b).max(), 1e-6))
