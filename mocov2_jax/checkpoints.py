@@ -88,16 +88,31 @@ def save(mgr, state, *, force=False):
         + 'free space or fix the permissions, then run the same command to resume.') from e
 
 
-def _remove_partial(mgr, step, limit_s=60.0):
+def _remove_partial(mgr, step, limit_s=60.0, quiet_s=1.0):
   """Gives back the room of a failed save's partial step (never a checkpoint). The first error
   surfaces while orbax's other writer threads may still run; they would recreate the folder
-  (or fail on its removal), so they are waited for first."""
+  (or fail on its removal), so they are waited for first. TensorStore's own writes still in
+  flight may recreate it too: it is removed until it stays gone for `quiet_s`. Whatever is left
+  goes at the next run's first save (`manager`)."""
   deadline = time.monotonic() + limit_s
   for thread in threading.enumerate():
     if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
       threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))   # (orbax's re-raises)
-  for partial in epath.Path(mgr.directory).glob(f'{step}.orbax-checkpoint-tmp*'):
-    partial.rmtree(missing_ok=True)
+  pattern, quiet_since = f'{step}.orbax-checkpoint-tmp*', None
+  while time.monotonic() < deadline:
+    partials = list(epath.Path(mgr.directory).glob(pattern))
+    for partial in partials:
+      try:
+        partial.rmtree(missing_ok=True)
+      except OSError:   # a file appeared while removing: the next round takes it
+        pass
+    if partials:
+      quiet_since = None
+    elif quiet_since is None:
+      quiet_since = time.monotonic()
+    elif time.monotonic() - quiet_since >= quiet_s:
+      return
+    time.sleep(0.1)
 
 
 UNREADABLE = '.unreadable'   # suffix of a checkpoint moved aside because it failed to restore
