@@ -284,13 +284,12 @@ class LinearExperiment(loop.Experiment):
           step=int(checkpoints.path(cfg.pretrained_checkpoint).name)))
     if 'eval' not in results:   # the loop evaluates at the last step; a run that ended earlier
       self.evaluate(state, int(state.step), results)
-    heads = results.pop('eval')
-    if self.held_out_batches is not None:
+    heads, sweep = results.pop('eval'), self.held_out_batches is not None
+    if sweep:
       held_top1, _ = self.accuracy(state.params, self.held_out_batches())
       for h, a in zip(heads, held_top1):
         h['holdout_top1'] = float(a)
     protocol = next(h for h in heads if h['lr'] == float(cfg.optim.base_lr))
-    sweep = self.held_out_batches is not None
     best = max(heads, key=lambda h: h['holdout_top1']) if sweep else protocol
     results.update(
         top1=best['top1'], top5=best['top5'], lr=best['lr'], protocol_lr=protocol,
