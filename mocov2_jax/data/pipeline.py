@@ -151,11 +151,19 @@ def _first_bad(records, decode, start, name):
   return f'a record after {name(start)}'
 
 
-def _views_fn(cfg, source, base_seed, num_views, crops_only):
-  """views(position, record): the example's views, drawn from (seed, epoch, position) only."""
+def _map(ds, fn):
+  """ds.map without autograph: our functions branch with tf.cond and on Python values only, and
+  converting them again for each epoch's dataset cost about 2 s of a CPU core."""
+  return ds.map(tf.autograph.experimental.do_not_convert(fn), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _views_fn(cfg, source, num_views, crops_only):
+  """views(base_seed, position, record): the example's views, drawn from (seed, epoch, position)
+  only; one tf.function for every epoch of the run."""
   names = ('image',) if num_views == 1 else tuple(f'view{i + 1}' for i in range(num_views))
 
-  def views(g, ex):
+  @tf.function(autograph=False)
+  def views(base_seed, g, ex):
     example_seed = tf.random.experimental.stateless_fold_in(base_seed, g)
     seeds = tf.unstack(tf.random.experimental.stateless_split(example_seed, num_views))
     image = source.decode(ex['image'])   # once, for every view
@@ -166,7 +174,7 @@ def _views_fn(cfg, source, base_seed, num_views, crops_only):
 
 
 def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, process_index=0,
-                  process_count=1, num_views=2, crops_only=False):
+                  process_count=1, num_views=2, crops_only=False, views=None):
   """`steps` batches of this process's part of one epoch, from its step `skip_steps` on:
   dict(view1, view2: float32 [B, S, S, 3], label: int32 [B]) plus bookkeeping for `_read`;
   `num_views=1` gives dict(image, label) instead (the linear classifier's training input).
@@ -174,6 +182,7 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
   recipe (`device_augment`). Returns (dataset, first_bad, name, fill): `_read`'s arguments and
   None, or `_filled`'s (the dataset then holds the readable examples only, in batches of up to
   `local_batch_size`, and `_filled` puts the replacements of unreadable ones in their places).
+  `views`: `_views_fn`'s function, to share one across epochs.
 
   Sources with random access (image folders, synthetic data): the epoch is one permutation of
   the split seeded by (seed, epoch); its global batch t is positions [t P L, (t + 1) P L), of
@@ -193,7 +202,8 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
   source = sources.get(cfg)
   lb, split = local_batch_size, cfg.train_split
   base_seed = tf.constant([seed, epoch], tf.int64)
-  views = _views_fn(cfg, source, base_seed, num_views, crops_only)
+  views_of = views or _views_fn(cfg, source, num_views, crops_only)
+  views = lambda g, ex: views_of(base_seed, g, ex)
   position = lambda i: global_position(i, lb, process_index, process_count)
   local = tf.data.Dataset.range(skip_steps * lb, steps * lb)   # this process's examples
   if source.random_access:
@@ -208,12 +218,11 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
       return _first_bad(((r, record(r)) for r in ids), source.decode, int(order[position(i)]),
                         name)
 
-    ds = local.map(lambda i: dict(views(position(i), record(order_t[position(i)])), index=i),
-                   num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _map(local, lambda i: dict(views(position(i), record(order_t[position(i)])), index=i))
     if source.can_fail and cfg.on_bad_image == 'skip':
       other_seed = tf.random.experimental.stateless_fold_in(base_seed, -1)   # no position's
 
-      @tf.function
+      @tf.function(autograph=False)
       def replacement(i):
         """Position i's example when its record is unreadable: records drawn from (seed, epoch,
         position) are tried in turn, then a blank example fills it (`_read` names them)."""
@@ -222,8 +231,8 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
             [MAX_TRIES - 1], tf.random.experimental.stateless_fold_in(other_seed, g),
             minval=0, maxval=len(labels), dtype=tf.int64)
         candidates = tf.concat([order_t[g][None], others], 0)
-        tried = tf.data.Dataset.range(MAX_TRIES).map(
-            lambda k: dict(views(g, record(candidates[k])), tries=k)).ignore_errors()
+        tried = _map(tf.data.Dataset.range(MAX_TRIES),
+                     lambda k: dict(views(g, record(candidates[k])), tries=k)).ignore_errors()
         blank = {n: tf.zeros(s.shape, s.dtype) for n, s in
                  tried.element_spec.items() if n != 'tries'}
         blank = tf.data.Dataset.from_tensors(dict(blank, label=tf.constant(-1, tf.int32),
@@ -241,8 +250,7 @@ def epoch_dataset(cfg, *, local_batch_size, steps, seed, epoch, skip_steps=0, pr
                       f'record {i} of {split!r} (process {process_index})')
     first_bad = lambda i: _first_bad(shard.repeat(2).enumerate().skip(i), source.decode, i, name)
     ds = shard.repeat(2).enumerate().skip(skip_steps * lb)
-    ds = ds.map(lambda i, ex: dict(views(position(i), ex), index=i),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _map(ds, lambda i, ex: dict(views(position(i), ex), index=i))
     if cfg.on_bad_image == 'skip':
       ds = ds.ignore_errors()
     ds = ds.take((steps - skip_steps) * lb)
@@ -262,11 +270,12 @@ def train_batches(cfg, *, local_batch_size, steps_per_epoch, seed, start_step=0,
         'buffer, so the global batch depends on the number of processes (with image folders and '
         'synthetic data it does not).', cfg.source, process_count)
   epoch, skip = divmod(start_step, steps_per_epoch)
+  views = _views_fn(cfg, sources.get(cfg), num_views, crops_only)
   while True:
     ds, first_bad, name, fill = epoch_dataset(
         cfg, local_batch_size=local_batch_size, steps=steps_per_epoch, seed=seed, epoch=epoch,
         skip_steps=skip, process_index=process_index, process_count=process_count,
-        num_views=num_views, crops_only=crops_only)
+        num_views=num_views, crops_only=crops_only, views=views)
     batches = _read(ds, bad, first_bad, name, skip * local_batch_size, holes=fill is None)
     yield from (batches if fill is None else _filled(batches, bad, name, *fill))
     epoch, skip = epoch + 1, 0
@@ -289,7 +298,7 @@ def eval_batches(cfg, split, *, local_batch_size, process_index=0, process_count
 
   pad = dict(image=tf.zeros([size, size, 3]), label=tf.constant(-1, tf.int32),
              mask=tf.constant(0, tf.int32), index=tf.constant(-1, tf.int64))
-  ds = source.records(*args).enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _map(source.records(*args).enumerate(), prepare)
   if cfg.on_bad_image == 'skip':
     ds = ds.ignore_errors()
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
