@@ -38,10 +38,7 @@ def make_config(method, args, batch):
 
 def measure(method, args, batch, time_it=True):
   config = make_config(method, args, batch)
-  device = jax.devices()[:1]
-  mesh = jax.sharding.Mesh(np.array(device), ('data',))
-  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  _, repl, data = methods.mesh_and_shardings(jax.devices()[:1])
   sched = optim.schedule(config.optim, batch, 1000, config.num_epochs)
   model = methods.create_model(config)
   state = methods.create_train_state(jax.random.PRNGKey(0), config, model, sched, args.image_size)

@@ -156,7 +156,7 @@ def lowered(case, devices):
       st, fr, b, features=linear.make_features(backbone), lrs=[protocol_lr],
       protocol_lr=protocol_lr, lr_schedule=lr), in_shardings=(repl, repl, data),
                  out_shardings=(repl, repl), donate_argnums=0)
-  return step.trace(abstract(init, repl), frozen, dict(x=views(jnp.float32), label=labels))
+  return step.trace(abstract(init, repl), frozen, dict(image=views(jnp.float32), label=labels))
 
 
 def measure(case, devices):

@@ -1,12 +1,14 @@
-"""Linear evaluation of a pre-trained backbone as experiments of the one loop.
+"""Linear evaluation of a pre-trained backbone as an experiment of the one loop.
 
 Protocol: the backbone is frozen in inference mode (BN running statistics) and a linear layer on
-its pooled features is trained with SGD on random-resized-crop + flip views. Fast mode: the
-centre-crop features are extracted once and linear layers are trained on them, one per learning
-rate of `sweep_lrs` in the same pass; the lr is chosen on a held-out part of train, never test.
+its pooled features is trained with SGD on random-resized-crop + flip views; top-1/top-5 on the
+centre crops of the eval split. Fast mode: the centre-crop features of both splits are extracted
+once and linear layers are trained on them, one per learning rate of `sweep_lrs` (the protocol's
+among them) in the same pass; the lr is chosen on a held-out part of train, never test.
 """
 import functools
 import json
+import time
 
 import flax
 import flax.linen as nn
@@ -16,10 +18,10 @@ import numpy as np
 import optax
 from clu import metrics
 from flax import traverse_util
+from absl import logging
 from flax.training import train_state
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mocov2_jax import checkpoints, config_check, loop, methods, optim
+from mocov2_jax import checkpoints, config_check, knn, loop, methods, optim
 from mocov2_jax import torch_names as names
 from mocov2_jax.models import resnet
 
@@ -134,11 +136,10 @@ def check_shapes(cfg, step_dir):
                        + '; '.join(bad[:3]))
 
 
-def check(config, overridden=(), workdir=None):
-  """All start-up checks; returns (resolved config, steps per epoch, number of classes)."""
-  from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-  config_check.check(config)
-  cfg = resolve(config, overridden)
+def check(cfg, data, workdir=None):
+  """All start-up checks of a `resolve`d config and its data; returns (steps per epoch, number
+  of classes)."""
+  config_check.check(cfg)
   check_shapes(cfg, cfg.pretrained_checkpoint)
   load_backbone(cfg.pretrained_checkpoint)   # its arrays read, before any long work
   b = cfg.batch_size
@@ -148,16 +149,16 @@ def check(config, overridden=(), workdir=None):
   optim.schedule(cfg.optim, b, 1, cfg.num_epochs)  # unknown schedule
   if workdir is not None:
     checkpoints.check_resume(workdir, cfg, FIXED_FIELDS)
-  pipeline.check_data(cfg.data)
-  num_train = pipeline.num_examples(cfg.data, cfg.data.train_split)
+  data.check()
+  num_train = data.num_examples(cfg.data.train_split)
   if num_train < b:
     raise ValueError(f'{num_train} training examples make no full batch of {b}: lower '
                      '--config.batch_size.')
-  num_classes = cfg.num_classes or pipeline.num_classes(cfg.data)
+  num_classes = cfg.num_classes or data.num_classes()
   if num_classes < 2:
     raise ValueError(f'{cfg.data.train_split!r} of data {cfg.data.name or cfg.data.folder!r} has '
                      f'no labels ({num_classes} classes): linear evaluation needs labelled data.')
-  return cfg, num_train // b, num_classes
+  return num_train // b, num_classes
 
 
 # ---- the frozen backbone ----
@@ -183,26 +184,18 @@ def make_features(backbone):
   return lambda frozen, x: jax.lax.stop_gradient(backbone.apply(frozen, x, train=False))
 
 
-def accuracy(logits_fn, params, frozen, batches, to_device):
-  """(top-1, top-5) in percent of each head, [heads] arrays, over the real (mask 1) examples."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  hits1 = hits5 = count = 0
-  for batch in batches:
-    logits = gather(logits_fn(params, frozen, to_device(batch['x'])))   # [heads, B, C]
-    label, mask = (gather(to_device(batch[k])) for k in ('label', 'mask'))
-    keep = mask.astype(bool)
-    top = np.argsort(-logits[:, keep], axis=-1)[..., :min(5, logits.shape[-1])]
-    hits1 = hits1 + np.sum(top[..., 0] == label[keep], axis=-1)
-    hits5 = hits5 + np.sum(np.any(top == label[keep][:, None], axis=-1), axis=-1)
-    count += int(keep.sum())
-  return 100.0 * hits1 / count, 100.0 * hits5 / count
+def accuracy(top5_fn, variables, batches, to_device):
+  """(top-1, top-5) in percent of each head, [heads] arrays, over the real (mask 1) examples;
+  `top5_fn(variables, image)`: the heads' 5 best classes, [B, heads, 5]."""
+  top, label = knn.extract(top5_fn, variables, batches, to_device)
+  hits = top == label[:, None, None]
+  return 100.0 * hits[..., 0].mean(0), 100.0 * hits.any(-1).mean(0)
 
 
 def train_step(state, frozen, batch, *, features, lrs, protocol_lr, lr_schedule):
-  """One SGD step of every linear head on the frozen `features(frozen, batch['x'])`; the metrics
-  are the protocol lr's head's."""
-  h = features(frozen, batch['x'])
+  """One SGD step of every linear head on the frozen `features(frozen, batch['image'])`; the
+  metrics are the protocol lr's head's."""
+  h = features(frozen, batch['image'])
 
   def loss_fn(params):
     logits = state.apply_fn({'params': params}, h)
@@ -218,8 +211,9 @@ def train_step(state, frozen, batch, *, features, lrs, protocol_lr, lr_schedule)
 
 
 class LinearExperiment(loop.Experiment):
-  """Linear heads on frozen `features(frozen, x)`; `make_batches(start)`: process-local dict(x,
-  label) batches; `eval_batches()`: padded dict(x, label, mask) batches of the eval split;
+  """Linear heads on frozen `features(frozen, image)`; `make_batches(start)`: process-local
+  dict(image, label) batches; `eval_batches()`: padded dict(image, label, mask) batches of the
+  eval split (in fast mode `image` holds cached features and `features` passes them through);
   `held_out_batches()`, in a sweep: the same of the train examples held out to choose the lr.
   `backbone`: the frozen backbone on the devices, checked against the checkpoint at the end
   (None: features given as they are, no checkpoint)."""
@@ -230,7 +224,7 @@ class LinearExperiment(loop.Experiment):
     super().__init__(cfg, steps_per_epoch)
     self.frozen, self.backbone, self.bad = frozen, backbone, bad
     self.num_classes, self.held_out_batches, self.held_out = num_classes, held_out_batches, held_out
-    mesh, self.repl, self.batch_sharding = methods.mesh_and_shardings()
+    _, self.repl, self.batch_sharding = methods.mesh_and_shardings()
     self.lrs = head_lrs(cfg)
     self.classifier = Classifier(num_classes, len(self.lrs))
     self.feature_dim, self.make_batches, self.eval_batches = feature_dim, make_batches, eval_batches
@@ -241,9 +235,12 @@ class LinearExperiment(loop.Experiment):
                              protocol_lr=float(cfg.optim.base_lr), lr_schedule=self.lr)
     self._step = jax.jit(step, in_shardings=(self.repl, self.repl, self.batch_sharding),
                          out_shardings=(self.repl, self.repl), donate_argnums=0)
-    self.logits = jax.jit(lambda params, frozen, x: self.classifier.apply(
-        {'params': params}, features(frozen, x)),
-                          out_shardings=NamedSharding(mesh, P(None, 'data')))
+    def top5(variables, image):
+      params, frozen = variables
+      logits = self.classifier.apply({'params': params}, features(frozen, image))
+      return jnp.swapaxes(jax.lax.top_k(logits, min(5, num_classes))[1], 0, 1)
+    self.top5 = jax.jit(top5, in_shardings=(self.repl, self.batch_sharding),
+                        out_shardings=self.batch_sharding)
 
   def init_state(self):
     params = jax.jit(self.classifier.init)(jax.random.PRNGKey(self.config.seed),
@@ -260,7 +257,7 @@ class LinearExperiment(loop.Experiment):
 
   def accuracy(self, params, batches):
     put = lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a)
-    return accuracy(self.logits, params, self.frozen, batches, put)
+    return accuracy(self.top5, (params, self.frozen), batches, put)
 
   def should_evaluate(self, step):
     every = self.config.eval_every_epochs
@@ -301,3 +298,87 @@ class LinearExperiment(loop.Experiment):
         num_classes=self.num_classes, feature_dim=self.feature_dim,
         config=json.loads(cfg.to_json_best_effort()))
     return results
+
+
+# ---- the input: images through the frozen backbone, or cached features (fast mode) ----
+def _local(x, batch_size):
+  """This process's share of a global batch that every process holds."""
+  n = batch_size // jax.process_count()
+  return x[jax.process_index() * n:(jax.process_index() + 1) * n]
+
+
+def cached_batches(feats, labels, batch_size, seed, start):
+  """Global batches of cached features from step `start` on: a fresh permutation each epoch."""
+  steps_per_epoch = len(labels) // batch_size
+  step, perm_epoch, perm = start, None, None
+  while True:
+    epoch, i = divmod(step, steps_per_epoch)
+    if epoch != perm_epoch:
+      perm_epoch, perm = epoch, np.random.default_rng([seed, epoch]).permutation(len(labels))
+    idx = _local(perm[i * batch_size:(i + 1) * batch_size], batch_size)
+    yield dict(image=feats[idx], label=labels[idx])
+    step += 1
+
+
+def cached_eval_batches(feats, labels, batch_size):
+  """Features in padded global batches (mask 0 on the padding)."""
+  for i in range(0, len(labels), batch_size):
+    x, y = feats[i:i + batch_size], labels[i:i + batch_size]
+    pad = batch_size - len(y)
+    yield {k: _local(v, batch_size) for k, v in dict(
+        image=np.pad(x, ((0, pad), (0, 0))), label=np.pad(y, (0, pad)),
+        mask=np.pad(np.ones(len(y), np.int32), (0, pad))).items()}
+
+
+def holdout_split(num, fraction, seed):
+  """(fit, held-out) indices of train: the held-out part chooses the lr, test never does."""
+  perm = np.random.default_rng([seed, 1]).permutation(num)
+  n = max(1, int(round(num * fraction)))
+  return np.sort(perm[n:]), np.sort(perm[:n])
+
+
+def extract_features(data, features, frozen, split, batch_sharding):
+  """Centre-crop (eval view) features and labels of every example of `split`, on every host."""
+  put = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
+  fn = jax.jit(features, in_shardings=(None, batch_sharding), out_shardings=batch_sharding)
+  return knn.extract(fn, frozen, data.eval(split), put)
+
+
+def fast_experiment(cfg, train_set, eval_set, num_classes, backbone=None, bad=None):
+  """Heads on cached (features, labels): with a sweep, on train minus a held-out part that
+  chooses the lr."""
+  (x, y), (ex, ey) = train_set, eval_set
+  sweep = len(head_lrs(cfg)) > 1
+  fit, held = holdout_split(len(y), cfg.holdout_fraction, cfg.seed) if sweep else (
+      np.arange(len(y)), np.arange(0))
+  return LinearExperiment(
+      cfg, num_classes=num_classes, feature_dim=x.shape[1],
+      steps_per_epoch=len(fit) // cfg.batch_size, features=lambda frozen, h: h, frozen={},
+      make_batches=lambda start: cached_batches(x[fit], y[fit], cfg.batch_size, cfg.seed, start),
+      eval_batches=lambda: cached_eval_batches(ex, ey, cfg.batch_size),
+      held_out_batches=(lambda: cached_eval_batches(x[held], y[held], cfg.batch_size)) if sweep
+      else None, held_out=len(held), backbone=backbone, bad=bad)
+
+
+def experiment(cfg, data, workdir=None):
+  """The linear evaluation of a `resolve`d config on `data` (its program's input) after every
+  start-up check; in fast mode its features are extracted here."""
+  steps_per_epoch, num_classes = check(cfg, data, workdir)
+  _, repl, batch_sharding = methods.mesh_and_shardings()
+  features = make_features(backbone_module(cfg))
+  frozen = jax.device_put(load_backbone(cfg.pretrained_checkpoint), repl)
+  logging.info('Backbone %s (width %d, cifar_stem %s) from %s; %s.', cfg.model.arch,
+               cfg.model.width, cfg.model.cifar_stem, cfg.pretrained_checkpoint,
+               FAST_NOTE if cfg.fast else 'protocol')
+  if cfg.fast:
+    tick = time.time()
+    train_set = extract_features(data, features, frozen, cfg.data.train_split, batch_sharding)
+    eval_set = extract_features(data, features, frozen, cfg.data.eval_split, batch_sharding)
+    logging.info('Extracted %d + %d centre-crop features in %.1f s.', len(train_set[1]),
+                 len(eval_set[1]), time.time() - tick)
+    return fast_experiment(cfg, train_set, eval_set, num_classes, frozen, data.bad)
+  return LinearExperiment(
+      cfg, num_classes=num_classes, feature_dim=resnet.feature_dim(cfg.model.arch, cfg.model.width),
+      steps_per_epoch=steps_per_epoch, features=features, frozen=frozen,
+      make_batches=lambda start: data.train(steps_per_epoch, start, num_views=1),
+      eval_batches=lambda: data.eval(cfg.data.eval_split), backbone=frozen, bad=data.bad)

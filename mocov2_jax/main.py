@@ -5,25 +5,38 @@ r"""Pre-trains MoCo v1/v2 (or SimCLR, `config.method='simclr'`).
 
 Starting again with the same --workdir resumes from its latest checkpoint.
 """
+import ml_collections
 from absl import flags
 from etils import epath
 
-from mocov2_jax import checkpoints, cli
+from mocov2_jax import checkpoints, cli, loop, train
+from mocov2_jax.data import pipeline
 
 _DEFAULT_CONFIG = str(epath.Path(__file__).resolve().parent.parent / 'configs' / 'demo.py')
-cli.define_config(_DEFAULT_CONFIG)
-flags.DEFINE_string('workdir', '/tmp/mocov2_jax_demo', 'Checkpoints, logs, TensorBoard events.')
-cli.define_distributed_flags()
-FLAGS = flags.FLAGS
+
+
+def data_of(config: ml_collections.ConfigDict) -> pipeline.Input:
+  """The program's input: what it hands to its experiment."""
+  return pipeline.Input(config.data, config.batch_size, config.seed)
+
+
+def experiment(config: ml_collections.ConfigDict, workdir=None) -> train.Pretraining:
+  """The pre-training of `config` on its data, after every start-up check."""
+  return train.experiment(config, data_of(config), workdir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
+  """Pre-trains; resumes from the latest checkpoint in `workdir`. Returns the results."""
+  _, results = loop.run(experiment(config, workdir), workdir)
+  return results
 
 
 def main(argv):
   del argv
   cli.start()
-  from mocov2_jax import loop, train  # pylint: disable=g-import-not-at-top  (after cli.start)
-  config, workdir = FLAGS.config, FLAGS.workdir
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   cli.checked(checkpoints.check_workdir, workdir)
-  exp = cli.checked(train.experiment, config, workdir)   # every check, before any long work
+  exp = cli.checked(experiment, config, workdir)   # every check, before any long work
   _, results = loop.run(exp, workdir)
   if results.get('knn_top1') is not None:
     init = results.get('knn_top1_init')
@@ -34,4 +47,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.define_config(_DEFAULT_CONFIG)
+  flags.DEFINE_string('workdir', '/tmp/mocov2_jax_demo', 'Checkpoints, logs, TensorBoard events.')
+  cli.define_distributed_flags()
   cli.run(main)

@@ -1,5 +1,5 @@
-"""Pre-training (MoCo or SimCLR) as an experiment of the one loop: checks, state, step, input,
-the kNN monitor."""
+"""Pre-training (MoCo or SimCLR) as an experiment of the one loop: checks, state, step, the kNN
+monitor, on the input its program hands it (`pipeline.Input`: any object with its methods)."""
 import itertools
 import time
 
@@ -9,7 +9,6 @@ import numpy as np
 from absl import logging
 
 from mocov2_jax import checkpoints, config_check, knn, loop, methods, moco, optim
-from mocov2_jax.data.bad_images import BadImages
 
 # What shapes the train state or the method: a resumed run may not change these.
 FIXED_FIELDS = ('method', 'model.', 'moco.queue_size', 'moco.bn_groups', 'moco.symmetric',
@@ -50,16 +49,15 @@ def validate(config, num_devices: int, num_processes: int = 1):
   optim.create(config.optim, lr)  # unknown optimizer
 
 
-def check(config, workdir=None) -> int:
+def check(config, data, workdir=None) -> int:
   """All start-up checks (config, resume, devices, data); returns the steps per epoch."""
-  from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
   validate(config, jax.device_count(), jax.process_count())
   if workdir is not None:
     for k, (old, new) in checkpoints.check_resume(workdir, config, FIXED_FIELDS).items():
       logging.warning('Resuming %s with %s changed: %r -> %r (the previous config.json is kept '
                       'as config.N.json).', workdir, k, old, new)
-  pipeline.check_data(config.data)
-  num_train = pipeline.num_examples(config.data, config.data.train_split)
+  data.check()
+  num_train = data.num_examples(config.data.train_split)
   if num_train < config.batch_size:
     raise ValueError(f'{num_train} training examples make no full batch of {config.batch_size}: '
                      'lower --config.batch_size.')
@@ -84,15 +82,12 @@ class KnnMonitor:
   """kNN top-1 on the labelled eval split against the train split, for each feature of
   `knn.FEATURES` ({feature: top-1}; None for unlabelled data)."""
 
-  def __init__(self, config, model, batch_sharding, bad):
-    self.config, self.sharding, self.bad = config, batch_sharding, bad
+  def __init__(self, config, model, batch_sharding, data):
+    self.config, self.sharding, self.data = config, batch_sharding, data
     self.features = knn.make_feature_fn(model, batch_sharding)
 
   def _split(self, variables, split, limit=0):
-    from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
-    batches = pipeline.eval_batches(
-        self.config.data, split, local_batch_size=self.config.batch_size // jax.process_count(),
-        process_index=jax.process_index(), process_count=jax.process_count(), bad=self.bad)
+    batches = self.data.eval(split)
     if limit:
       batches = itertools.islice(batches, -(-limit // self.config.batch_size))
     put = lambda x: jax.make_array_from_process_local_data(self.sharding, x)
@@ -113,16 +108,16 @@ class KnnMonitor:
 class Pretraining(loop.Experiment):
   """MoCo or SimCLR pre-training (`config.method`) with the kNN monitor as its evaluator."""
 
-  def __init__(self, config, steps_per_epoch):
+  def __init__(self, config, data, steps_per_epoch):
     super().__init__(config, steps_per_epoch)
+    self.data, self.bad = data, data.bad
     _, self.repl, self.batch_sharding = methods.mesh_and_shardings()
     self.model = methods.create_model(config)
     self.lr = optim.schedule(config.optim, config.batch_size, steps_per_epoch, config.num_epochs)
     self.train_step = methods.jit_train_step(config, self.lr, self.repl, self.batch_sharding,
                                              steps_per_epoch * config.num_epochs)
-    self.bad = BadImages()
     every = config.knn.every_epochs
-    self.monitor = (KnnMonitor(config, self.model, self.batch_sharding, self.bad) if every > 0
+    self.monitor = (KnnMonitor(config, self.model, self.batch_sharding, data) if every > 0
                     else None)
     self.since = time.time()   # wall time since the last kNN pass ended (the epoch's time)
 
@@ -132,7 +127,6 @@ class Pretraining(loop.Experiment):
     return jax.device_put(state, self.repl)
 
   def batches(self, start_step):
-    from mocov2_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (TensorFlow)
     cfg = self.config
     logging.info('%s: %d steps per epoch, %d steps (%d epochs), %d devices, %s lr %.4g.',
                  cfg.method, self.steps_per_epoch, self.total_steps, cfg.num_epochs,
@@ -149,11 +143,8 @@ class Pretraining(loop.Experiment):
       block = jax.process_index()
       logging.warning('The devices of process %d hold rows %s of the global batch, not one block: '
                       'the batch then depends on the number of processes.', block, rows)
-    stream = pipeline.train_batches(
-        cfg.data, local_batch_size=local,
-        steps_per_epoch=self.steps_per_epoch, seed=cfg.seed, start_step=start_step,
-        process_index=block, process_count=jax.process_count(),
-        crops_only=methods.is_device_augmented(cfg), bad=self.bad)
+    stream = self.data.train(self.steps_per_epoch, start_step, block=block,
+                             crops_only=methods.is_device_augmented(cfg))
     views = ({'view1': b['view1'], 'view2': b['view2']} for b in stream)
     return loop.prefetch(views, self.batch_sharding)
 
@@ -190,12 +181,7 @@ class Pretraining(loop.Experiment):
     return {'augmented_pairs': pair_grid(local, self.config.data.augment, n)}
 
 
-def experiment(config: ml_collections.ConfigDict, workdir=None) -> Pretraining:
-  """The pre-training of `config` after every start-up check (config, resume, devices, data)."""
-  return Pretraining(config, check(config, workdir))
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir):
-  """Pre-trains; resumes from the latest checkpoint in `workdir`. Returns the results."""
-  _, results = loop.run(experiment(config, workdir), workdir)
-  return results
+def experiment(config: ml_collections.ConfigDict, data, workdir=None) -> Pretraining:
+  """The pre-training of `config` on `data` after every start-up check (config, resume, devices,
+  data)."""
+  return Pretraining(config, data, check(config, data, workdir))

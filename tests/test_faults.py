@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from mocov2_jax import checkpoints, cli, config_check, errors, loop, train
+from mocov2_jax import checkpoints, cli, config_check, errors, loop, main
 from tests.helpers import REPO, all_finite, demo_config, demo_flags, run_cli
 
 
@@ -28,7 +28,7 @@ def _one_line_error(result, program='main'):
 def trained(tmp_path_factory):
   """A workdir with checkpoints at steps 4, 6 and 8 (the demo at the tests' size)."""
   workdir = tmp_path_factory.mktemp('trained')
-  train.train_and_evaluate(demo_config(), str(workdir))
+  main.train_and_evaluate(demo_config(), str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '6', '8']
   return workdir
 
@@ -54,7 +54,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(
   caplog.set_level('INFO')
   workdir = _copy(trained, tmp_path)
   _damage(workdir / 'checkpoints' / '8', which)
-  results = train.train_and_evaluate(demo_config(num_epochs=3), str(workdir))
+  results = main.train_and_evaluate(demo_config(num_epochs=3), str(workdir))
   assert results['step'] == 12
   assert (workdir / 'checkpoints' / '8.unreadable').is_dir()   # kept, not deleted
   assert 'checkpoints/8 cannot be read' in caplog.text and 'moved to 8.unreadable' in caplog.text
@@ -68,7 +68,7 @@ def test_no_readable_checkpoint_stops_in_one_line_and_never_starts_afresh(traine
     _damage(workdir / 'checkpoints' / str(step), 'data' if step != 6 else 'metadata')
   config_before = (workdir / 'config.json').read_text()
   with pytest.raises(errors.BadInput, match='no checkpoint in .* can be read'):
-    train.train_and_evaluate(demo_config(num_epochs=3), str(workdir))
+    main.train_and_evaluate(demo_config(num_epochs=3), str(workdir))
   assert (workdir / 'config.json').read_text() == config_before
   assert sorted(os.listdir(workdir / 'checkpoints')) == [
       '4.unreadable', '6.unreadable', '8.unreadable']
@@ -132,7 +132,7 @@ def test_a_full_disk_stops_in_one_line_keeps_the_checkpoints_and_resumes(trained
     assert [p for p in os.listdir(workdir / 'checkpoints') if 'tmp' not in p] == ['6']
     assert all_finite(workdir / 'checkpoints' / '6')
     (disk / 'filler').unlink()
-    results = train.train_and_evaluate(demo_config(num_epochs=3), str(workdir))
+    results = main.train_and_evaluate(demo_config(num_epochs=3), str(workdir))
     assert results['step'] == 12 and all_finite(workdir / 'checkpoints' / '12')
     assert not [p for p in os.listdir(workdir / 'checkpoints') if 'tmp' in p]
   finally:
@@ -151,7 +151,7 @@ def test_a_refused_save_names_its_cause_and_keeps_the_earlier_steps(trained, tmp
   monkeypatch.setattr(checkpoint_manager.CheckpointManager, 'save', full)
   with pytest.raises(errors.CannotWrite, match='cannot save checkpoint .*checkpoints/8: No '
                      r'space left on device. The earlier checkpoints are intact \(latest: step 6'):
-    train.train_and_evaluate(demo_config(), str(workdir))
+    main.train_and_evaluate(demo_config(), str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['4', '6']
   assert all_finite(workdir / 'checkpoints' / '6')
 
@@ -261,7 +261,7 @@ def test_no_checkpoint_holds_a_non_finite_value(tmp_path):
   checks the whole state."""
   import jax  # pylint: disable=g-import-not-at-top
   config = demo_config(num_train_steps=4)
-  exp = train.experiment(config)
+  exp = main.experiment(config)
   step = exp.train_step
 
   def poisoned(state, batch):
@@ -386,8 +386,8 @@ def test_bad_images_are_counted_once_across_a_resume(tmp_path):
   changes = {'data.source': 'folder', 'data.folder': str(tmp_path / 'images'),
              'data.eval_split': 'train', 'data.num_train': 0, 'data.num_eval': 0,
              'batch_size': 8, 'moco.queue_size': 32, 'moco.bn_groups': 2}
-  first = train.train_and_evaluate(demo_config(num_train_steps=2, **changes),
+  first = main.train_and_evaluate(demo_config(num_train_steps=2, **changes),
                                    str(tmp_path / 'w'))   # epoch 0 (17 images: 2 steps)
   assert first['bad_images'] == 1 and first['bad_image_names'][0].endswith('text.jpg')
-  again = train.train_and_evaluate(demo_config(**changes), str(tmp_path / 'w'))   # epoch 1
+  again = main.train_and_evaluate(demo_config(**changes), str(tmp_path / 'w'))   # epoch 1
   assert again['step'] == 4 and again['bad_images'] == 1, again['bad_image_names']

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mocov2_jax import linear, linear_eval, loop, methods, train
+from mocov2_jax import linear, linear_eval, loop, main, methods
 from tests.helpers import REPO, demo_config
 
 
@@ -18,7 +18,7 @@ from tests.helpers import REPO, demo_config
 def pretrained(tmp_path_factory):
   c = demo_config(num_train_steps=2)
   workdir = str(tmp_path_factory.mktemp('pretrained'))
-  train.train_and_evaluate(c, workdir)
+  main.train_and_evaluate(c, workdir)
   return workdir
 
 
@@ -44,7 +44,7 @@ def _clusters(seed, spread, dim):
 def test_linear_layer_separates_cached_features(tmp_path):
   _, split = _clusters(0, 4.0, 16)
   cfg = linear_config('unused', num_epochs=5, fast=True)
-  exp = linear_eval.fast_experiment(cfg, split(256), split(64), 4)
+  exp = linear.fast_experiment(cfg, split(256), split(64), 4)
   state, r = loop.run(exp, str(tmp_path))
   heads = r['sweep']
   assert exp.held_out == 26 and int(state.step) == 5 * (256 - 26) // 32   # 10% of train held out
@@ -92,11 +92,12 @@ def test_fast_mode_resumes_and_continues_the_epoch_count(pretrained, tmp_path, c
 
 
 def test_eval_crops_are_deterministic(pretrained):
-  cfg, _, _ = linear.check(linear_config(pretrained))
+  cfg, data = linear_eval.inputs(linear_config(pretrained))
+  linear.check(cfg, data)
   sharding = methods.mesh_and_shardings()[2]
   features = linear.make_features(linear.backbone_module(cfg))
   frozen = jax.device_put(linear.load_backbone(cfg.pretrained_checkpoint))
-  (a, la), (b, lb) = (linear_eval.extract_features(cfg, features, frozen, 'test', sharding)
+  (a, la), (b, lb) = (linear.extract_features(data, features, frozen, 'test', sharding)
                       for _ in range(2))
   assert a.shape == (64, 32) and np.array_equal(a, b) and np.array_equal(la, lb)
 
@@ -117,8 +118,8 @@ def test_data_and_model_come_from_the_pretraining_unless_overridden(pretrained, 
 
 
 def test_bad_input_gives_clear_errors(pretrained, tmp_path):
-  check = lambda **changes: linear.check(linear_config(**{'pretrained': pretrained,
-                                                                **changes}))
+  check = lambda **changes: linear.check(*linear_eval.inputs(linear_config(
+      **{'pretrained': pretrained, **changes})))
   with pytest.raises(ValueError, match='pretrained is required'):
     check(pretrained='')
   with pytest.raises(ValueError, match='does not exist'):
@@ -173,10 +174,10 @@ def test_each_head_steps_at_its_own_lr():
 def test_the_lr_is_chosen_on_held_out_train_never_on_test(tmp_path):
   rng, split = _clusters(1, 3.0, 8)
   train_set, (tx, ty) = split(320), split(64)
-  fit, held = linear_eval.holdout_split(320, 0.1, seed=0)
+  fit, held = linear.holdout_split(320, 0.1, seed=0)
   assert len(held) == 32 and not set(fit) & set(held) and len(fit) + len(held) == 320
   cfg = linear_config('unused', num_epochs=2, fast=True)
-  runs = [loop.run(linear_eval.fast_experiment(cfg, train_set, (tx, labels), 4),
+  runs = [loop.run(linear.fast_experiment(cfg, train_set, (tx, labels), 4),
                    str(tmp_path / name))[1]['sweep']
           for name, labels in (('a', ty), ('b', rng.permutation(ty)), ('c', (ty + 1) % 4))]
   held_scores = [[h['holdout_top1'] for h in heads] for heads in runs]
@@ -206,4 +207,4 @@ def test_a_garbage_checkpoint_is_its_message_not_an_orbax_traceback(tmp_path):
   c = linear_eval_cifar10.get_config()
   c.pretrained = str(tmp_path / 'junk')
   with pytest.raises(ValueError, match='not a readable checkpoint'):
-    linear.check(c)
+    linear.check(*linear_eval.inputs(c))

@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from mocov2_jax import checkpoints, cli, train
+from mocov2_jax import checkpoints, cli, main, train
 from tests.helpers import REPO, all_finite, demo_config, demo_flags, jax_leaves, main_cmd, run_cli
 
 @pytest.mark.parametrize('signum, code', [(signal.SIGTERM, cli.EXIT_PREEMPTED),
@@ -56,12 +56,14 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_resume_refuses_a_changed_model_and_keeps_the_old_config_on_other_changes(tmp_path):
-  train.train_and_evaluate(demo_config(num_train_steps=2), str(tmp_path))
+  main.train_and_evaluate(demo_config(num_train_steps=2), str(tmp_path))
   saved = (tmp_path / 'config.json').read_text()
+  check = lambda **changes: train.check(demo_config(**changes), main.data_of(demo_config()),
+                                        str(tmp_path))
   with pytest.raises(ValueError, match=r'model.width \(saved 4, now 8\)'):
-    train.check(demo_config(**{'model.width': 8, 'moco.queue_size': 256}), str(tmp_path))
+    check(**{'model.width': 8, 'moco.queue_size': 256})
   with pytest.raises(ValueError, match=r'moco.queue_size \(saved 128, now 256\)'):
-    train.check(demo_config(**{'moco.queue_size': 256}), str(tmp_path))
+    check(**{'moco.queue_size': 256})
   assert (tmp_path / 'config.json').read_text() == saved
   refused = run_cli('main', f'--config={REPO}/configs/demo.py', f'--workdir={tmp_path}',
                     *demo_flags(), '--config.model.width=8', code=cli.EXIT_BAD_INPUT)
@@ -69,9 +71,8 @@ def test_resume_refuses_a_changed_model_and_keeps_the_old_config_on_other_change
   assert (tmp_path / 'config.json').read_text() == saved
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   # Other changes are accepted (check returns the steps per epoch).
-  assert train.check(demo_config(**{'optim.base_lr': 0.1, 'num_train_steps': 3}),
-                     str(tmp_path)) == 4
-  train.train_and_evaluate(demo_config(**{'optim.base_lr': 0.1, 'num_train_steps': 3}),
+  assert check(**{'optim.base_lr': 0.1, 'num_train_steps': 3}) == 4
+  main.train_and_evaluate(demo_config(**{'optim.base_lr': 0.1, 'num_train_steps': 3}),
                            str(tmp_path))
   assert json.loads((tmp_path / 'config.1.json').read_text())['optim']['base_lr'] == 0.06
   assert json.loads((tmp_path / 'config.json').read_text())['optim']['base_lr'] == 0.1
@@ -81,10 +82,10 @@ def test_a_resumed_run_is_bitwise_the_run_that_never_stopped(tmp_path):
   """Stop after 3 steps (mid-epoch), resume to the end (8 steps, 2 epochs), compare leaves.
   (The host-augmented stream's re-entry is test_pipeline's.)"""
   cfg = demo_config
-  train.train_and_evaluate(cfg(), str(tmp_path / 'whole'))
-  train.train_and_evaluate(cfg(num_train_steps=3), str(tmp_path / 'parts'))
+  main.train_and_evaluate(cfg(), str(tmp_path / 'whole'))
+  main.train_and_evaluate(cfg(num_train_steps=3), str(tmp_path / 'parts'))
   assert checkpoints.manager(tmp_path / 'parts', 3).latest_step() == 3
-  train.train_and_evaluate(cfg(), str(tmp_path / 'parts'))
+  main.train_and_evaluate(cfg(), str(tmp_path / 'parts'))
   whole, parts = (checkpoints.restore_raw(tmp_path / w / 'checkpoints' / '8')
                   for w in ('whole', 'parts'))
   assert int(whole['step']) == int(parts['step']) == 8

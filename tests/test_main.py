@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mocov2_jax import train
+from mocov2_jax import main, train
 from tests.helpers import REPO, demo_flags
 
 # The tiny demo with its kNN monitor, a checkpoint every 2 steps and augmented pairs logged.
@@ -76,8 +76,9 @@ def _config(**changes):
     ({'data.num_train': 64}, 'make no full batch of 128'),
 ])
 def test_check_messages(changes, message):
+  c = _config(**changes)
   with pytest.raises(ValueError, match=message):
-    train.check(_config(**changes))
+    train.check(c, main.data_of(c))
 
 
 def test_two_processes_train_one_global_batch(tmp_path):

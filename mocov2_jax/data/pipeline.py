@@ -9,6 +9,7 @@ each global batch from it, and the views of the example at position g of the epo
 resumed at step s reads exactly what the run that never stopped read from step s on, whatever the
 number of tf.data threads (and, with random access, whatever the number of processes).
 """
+import jax
 import numpy as np
 import tensorflow as tf
 from absl import logging
@@ -311,3 +312,39 @@ def eval_batches(cfg, split, *, local_batch_size, process_index=0, process_count
                                    name)
   shard = len(range(process_index, n, process_count))
   return _read(ds, bad if bad is not None else BadImages(), first_bad, name, 0, total=shard)
+
+
+class Input:
+  """A program's data, built by its main and handed to its experiment, which sees only this
+  object (so the step, the models and the benchmarks run without TensorFlow): the start-up
+  checks, the sizes, and this process's part of every global batch of `batch_size`, in one
+  layout: dict(view1, view2) or dict(image), label (+ mask in eval). `bad` counts the unreadable
+  images met, over every pass."""
+
+  def __init__(self, cfg, batch_size: int, seed: int = 0):
+    self.cfg, self.batch_size, self.seed, self.bad = cfg, batch_size, seed, BadImages()
+
+  def check(self):
+    check_data(self.cfg)
+
+  def num_examples(self, split) -> int:
+    return num_examples(self.cfg, split)
+
+  def num_classes(self) -> int:
+    return num_classes(self.cfg)
+
+  def train(self, steps_per_epoch, start_step, *, block=None, num_views=2, crops_only=False):
+    """`train_batches` from `start_step` on; `block`: the rows of each global batch this
+    process builds (default: its process index)."""
+    return train_batches(
+        self.cfg, local_batch_size=self.batch_size // jax.process_count(),
+        steps_per_epoch=steps_per_epoch, seed=self.seed, start_step=start_step,
+        process_index=jax.process_index() if block is None else block,
+        process_count=jax.process_count(), num_views=num_views, crops_only=crops_only,
+        bad=self.bad)
+
+  def eval(self, split):
+    """`eval_batches` of `split`: every example once, centre views, padded (mask 0)."""
+    return eval_batches(self.cfg, split, local_batch_size=self.batch_size // jax.process_count(),
+                        process_index=jax.process_index(), process_count=jax.process_count(),
+                        bad=self.bad)
