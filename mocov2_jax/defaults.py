@@ -39,9 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
       train_split='train', eval_split='validation', image_size=224, eval_crop_frac=0.875,
       shuffle_buffer=16384, num_train=0, num_eval=0, synthetic_seed=0,
       augment=recipes.recipe('mocov2'),
-      # 'device': tf.data decodes and crops (uint8 to the devices), the jitted step does the
-      # rest of the recipe (flip, jitter, grayscale, blur, normalisation); 'host': all in tf.data.
-      augment_on='device',
+      # 'host': the whole recipe in tf.data. 'device': tf.data decodes and crops (uint8 to the
+      # devices), the jitted step does the rest (flip, jitter, grayscale, blur, normalisation);
+      # it learned about a point less over 5 seeds (docs/results.md), so it is not the default.
+      augment_on='host',
       # An unreadable image (corrupt, truncated, not an image): 'skip' it (counted in the log,
       # TensorBoard and results.json, the first few named) or stop with 'error', naming it.
       on_bad_image='skip'))

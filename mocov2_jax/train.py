@@ -42,8 +42,8 @@ def validate(config, num_devices: int, num_processes: int = 1):
   if config.knn.feature not in knn.FEATURES:
     raise ValueError(f'knn.feature={config.knn.feature!r}: choose one of {knn.FEATURES}.')
   if config.data.augment_on not in ('host', 'device'):
-    raise ValueError(f"data.augment_on={config.data.augment_on!r}: 'device' (the default: "
-                     "the host only crops) or 'host' (the whole recipe in tf.data).")
+    raise ValueError(f"data.augment_on={config.data.augment_on!r}: 'host' (the default: the "
+                     "whole recipe in tf.data) or 'device' (the host only crops).")
   methods.create_model(config)  # unknown arch / head / dtype
   lr = optim.schedule(config.optim, b, 1, config.num_epochs)  # unknown schedule / scaling
   optim.create(config.optim, lr)  # unknown optimizer

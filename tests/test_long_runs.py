@@ -80,8 +80,9 @@ def test_resume_refuses_a_changed_model_and_keeps_the_old_config_on_other_change
 
 def test_a_resumed_run_is_bitwise_the_run_that_never_stopped(tmp_path):
   """Stop after 3 steps (mid-epoch), resume to the end (8 steps, 2 epochs), compare leaves.
-  (The host-augmented stream's re-entry is test_pipeline's.)"""
-  cfg = demo_config
+  Device augmentation (its draws keyed by the step; the host-augmented stream's re-entry is
+  test_pipeline's)."""
+  cfg = lambda **changes: demo_config(**{'data.augment_on': 'device', **changes})
   main.train_and_evaluate(cfg(), str(tmp_path / 'whole'))
   main.train_and_evaluate(cfg(num_train_steps=3), str(tmp_path / 'parts'))
   assert checkpoints.manager(tmp_path / 'parts', 3).latest_step() == 3

@@ -10,8 +10,10 @@ import pytest
 from mocov2_jax import main, train
 from tests.helpers import REPO, demo_flags
 
-# The tiny demo with its kNN monitor, a checkpoint every 2 steps and augmented pairs logged.
-TINY = demo_flags(**{'knn.every_epochs': 1, 'log_every_steps': 2, 'num_summary_pairs': 2})
+# The tiny demo with its kNN monitor, a checkpoint every 2 steps and augmented pairs logged, on
+# the device-augmented path (the host path is the default, which most program tests run).
+TINY = demo_flags(**{'knn.every_epochs': 1, 'log_every_steps': 2, 'num_summary_pairs': 2,
+                     'data.augment_on': 'device'})
 
 
 def run_main(workdir, *overrides):

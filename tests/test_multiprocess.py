@@ -148,8 +148,9 @@ def test_one_global_batch_on_any_number_of_processes_and_elastic_resume(tmp_path
   final = state(two, 8)
   for name, workdir in [('1 x 1', one), ('1 x 4, then 2 x 2', four), ('2 x 2, then 1 x 4', to_one)]:
     assert_same_state(state(workdir, 8), final, name)
-  # Each unreadable file is met in each epoch, by one process or another, and counted once.
-  for workdir in (two, one):
+  # Each unreadable file is met in each epoch, by one process or another, and counted once, in a
+  # run resumed on another number of processes too (the tally restored: test_faults).
+  for workdir in (two, one, four):
     got = results(workdir)
     assert got['bad_images'] == len(UNREADABLE), got
     assert sorted(n.split('/')[-1] for n in got['bad_image_names']) == list(UNREADABLE)
