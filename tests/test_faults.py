@@ -305,6 +305,7 @@ def test_the_launcher_forwards_sigterm_to_every_worker(tmp_path):
   code = proc.wait(timeout=300)
   try:
     assert code == cli.EXIT_PREEMPTED, rest[-3000:]
+    assert any('2 processes, 2 devices' in l for l in lines), ''.join(lines)[-3000:]
     stops = [l for l in rest.splitlines() if 'preempted at step' in l]
     assert len(stops) == 2 and len({l.split('preempted at step ')[1].split(':')[0]
                                      for l in stops}) == 1, rest[-3000:]

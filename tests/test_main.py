@@ -83,22 +83,6 @@ def test_check_messages(changes, message):
     train.check(c, main.data_of(c))
 
 
-def test_two_processes_train_one_global_batch(tmp_path):
-  """launch/local_processes.sh: 2 CPU processes joined by jax.distributed, one shared workdir."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
-  cmd = ['bash', 'launch/local_processes.sh', '2', f'--config={REPO}/configs/demo.py',
-         f'--workdir={tmp_path}', *TINY, '--config.num_train_steps=2',
-         '--config.knn.every_epochs=0']
-  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert '2 processes, 2 devices' in result.stderr
-  assert 'step 2/2' in result.stderr
-  assert os.listdir(tmp_path / 'checkpoints') == ['2']
-  assert json.load(open(tmp_path / 'results.json'))['step'] == 2
-  assert len([f for f in os.listdir(tmp_path) if f.startswith('events.out')]) == 1
-
-
 SYNTHETIC = ['--config.data.source=synthetic', '--config.data.name=shapes',
              '--config.data.train_split=train', '--config.data.eval_split=test',
              '--config.data.eval_crop_frac=1.0', '--config.model.arch=resnet18',

@@ -137,6 +137,7 @@ def test_one_global_batch_on_any_number_of_processes_and_elastic_resume(tmp_path
 
   ref = losses(two)
   assert sorted(ref) == list(range(1, 9)) and len(set(ref.values())) == 8
+  assert len([f for f in os.listdir(two) if f.startswith('events.out')]) == 1   # process 0's
   agreement = {}
   for name, workdir, steps in [('1 x 1', one, range(1, 9)), ('1 x 4, then 2 x 2', four, range(1, 9)),
                                ('2 x 2, then 1 x 4', to_one, range(7, 9))]:
