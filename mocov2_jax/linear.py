@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from clu import metrics
 from flax import traverse_util
-from absl import logging
 from flax.training import train_state
 
 from mocov2_jax import checkpoints, config_check, knn, loop, methods, optim
@@ -235,6 +235,7 @@ class LinearExperiment(loop.Experiment):
                              protocol_lr=float(cfg.optim.base_lr), lr_schedule=self.lr)
     self._step = jax.jit(step, in_shardings=(self.repl, self.repl, self.batch_sharding),
                          out_shardings=(self.repl, self.repl), donate_argnums=0)
+
     def top5(variables, image):
       params, frozen = variables
       logits = self.classifier.apply({'params': params}, features(frozen, image))

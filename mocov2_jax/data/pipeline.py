@@ -316,10 +316,10 @@ def eval_batches(cfg, split, *, local_batch_size, process_index=0, process_count
 
 class Input:
   """A program's data, built by its main and handed to its experiment, which sees only this
-  object (so the step, the models and the benchmarks run without TensorFlow): the start-up
-  checks, the sizes, and this process's part of every global batch of `batch_size`, in one
-  layout: dict(view1, view2) or dict(image), label (+ mask in eval). `bad` counts the unreadable
-  images met, over every pass."""
+  object (the experiment modules do not import the pipeline): the start-up checks, the sizes,
+  and this process's part of every global batch of `batch_size`, in one layout: dict(view1,
+  view2) or dict(image), label (+ mask in eval). `bad` counts the unreadable images met, over
+  every pass."""
 
   def __init__(self, cfg, batch_size: int, seed: int = 0):
     self.cfg, self.batch_size, self.seed, self.bad = cfg, batch_size, seed, BadImages()
