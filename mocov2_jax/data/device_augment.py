@@ -95,23 +95,26 @@ def color_jitter(image, factors, order, strengths):
   return image
 
 
-def gaussian_blur(image, sigma, radius: int):
-  """Separable Gaussian on [H, W, C] with the edge pixels repeated outside the image, as PIL.
-
-  Each pass is a sum of 2 radius + 1 shifted copies, which XLA fuses into one elementwise loop.
-  A convolution with one kernel per image (sigma is drawn per image) vmaps into a grouped
-  convolution, slow on every backend."""
-  t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  kernel = jnp.exp(-t**2 / (2 * sigma**2))
+def blur_matrix(sigma, radius: int, n: int):
+  """[n, n]: row i weighs the 2 radius + 1 pixels around i, the edge pixels repeated outside
+  the image (PIL's), with a Gaussian of `sigma`, normalised."""
+  t = jnp.arange(-radius, radius + 1)
+  kernel = jnp.exp(-t.astype(jnp.float32)**2 / (2 * sigma**2))
   kernel = kernel / jnp.sum(kernel)
-  for axis in (0, 1):
-    n = image.shape[axis]
-    pad = [(0, 0)] * image.ndim
-    pad[axis] = (radius, radius)
-    padded = jnp.pad(image, pad, mode='edge')
-    image = sum(kernel[j] * jax.lax.slice_in_dim(padded, j, j + n, axis=axis)
-                for j in range(2 * radius + 1))
-  return image
+  source = jnp.clip(jnp.arange(n)[:, None] + t[None, :], 0, n - 1)              # [n, taps]
+  return jnp.sum(jnp.where(source[..., None] == jnp.arange(n), kernel[:, None], 0.0), axis=1)
+
+
+def gaussian_blur(image, sigma, radius: int):
+  """Separable Gaussian on [H, W, C] as two matrix products, K_h @ image @ K_w^T per channel.
+
+  A matrix unit's work on TPUs: XLA materialised the padded copies and shifted sums of the
+  separable passes (the TPU compiler's estimate: 11.2 MB an image at 224 px, now 6.2), and a
+  convolution with one kernel per image (sigma is drawn per image) vmaps into a grouped
+  convolution, slow on every backend. HIGHEST precision: float32 sums, as the host's."""
+  h, w = image.shape[:2]
+  return jnp.einsum('ij,jkc,lk->ilc', blur_matrix(sigma, radius, h), image,
+                    blur_matrix(sigma, radius, w), precision=jax.lax.Precision.HIGHEST)
 
 
 def normalize(image, recipe):
