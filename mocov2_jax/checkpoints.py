@@ -29,8 +29,17 @@ from mocov2_jax import errors
 # which compiles a slicing program per leaf shape at every run's first save: in a tiny run on 8
 # CPU devices the step after the first save took 5.4-5.7 s with it, 1.0-1.1 s without (two runs
 # each); our state (a few hundred MB at most) gains nothing from being shared out.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+def _write_replicated_arrays_once():
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)   # orbax warns of every override it is asked for
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+_write_replicated_arrays_once()
 
 
 def path(workdir) -> epath.Path:
