@@ -11,7 +11,7 @@ import tempfile
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 # One persistent XLA cache for the whole suite, the programs it starts included (they inherit the
 # environment): the tiny demo's step, compiled by dozens of runs, compiles once per machine, and
-# so do the small programs (0 s: 3 CPU-seconds fewer per program run).
+# so do the small programs (min 0 s: a warm tiny run took 12.3-14.0 CPU-seconds, 15.4 at 0.5 s).
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'mocov2_jax_tests_xla_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
@@ -40,7 +40,8 @@ def tiny_config():
   return make_tiny_config
 
 
-# The slowest modules first (`--durations=0` on 2 cores: 290, 245, 170, 150, 110, 90, 65, 45 s),
+# The slowest modules first (one `--durations=0` run on 2 cores: 290, 245, 170, 150, 110, 90, 65,
+# 45 s),
 # so that the two workers of `pytest -n 2` start with the longest tests and end on short ones.
 SLOWEST_FIRST = ('test_faults.py', 'test_multiprocess.py', 'test_long_runs.py', 'test_main.py',
                  'test_multidevice.py', 'test_simclr.py', 'test_convert.py', 'test_linear_eval.py')
