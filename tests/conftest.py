@@ -41,8 +41,7 @@ def tiny_config():
 
 
 # The slowest modules first (one `--durations=0` run on 2 cores: 290, 245, 170, 150, 110, 90, 65,
-# 45 s),
-# so that the two workers of `pytest -n 2` start with the longest tests and end on short ones.
+# 45 s), so that the two workers of `pytest -n 2` start with the longest tests, end on short ones.
 SLOWEST_FIRST = ('test_faults.py', 'test_multiprocess.py', 'test_long_runs.py', 'test_main.py',
                  'test_multidevice.py', 'test_simclr.py', 'test_convert.py', 'test_linear_eval.py')
 # Modules whose tests share a module-scoped fixture (a trained workdir, a compilation cache): one
