@@ -10,7 +10,7 @@ the gain in points, wall time and the run's CPU time (user + system, children in
 XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES (the same global batch on fake CPU
 devices). Everything after `--` goes to every run as config overrides. A run whose workdir
 already holds a results.json with both numbers is reported, not run again (delete it to rerun).
-A benchmark, not a test: about 10 minutes a run on 2 idle CPU cores (docs/results.md).
+A benchmark, not a test: about 6 minutes a run on 2 idle CPU cores (docs/results.md).
 """
 import argparse
 import json
