@@ -11,8 +11,8 @@ cheaper, so 20 epochs take about 6 minutes on 2 cores. Over seeds 0-4 on 1 devic
 0-1 on 8 the gain is +15.8 to +26.5 points (docs/results.md).
 
 `configs/demo.py:torchvision` is the same run at torchvision's own ResNet-18 shape (width 64,
-ImageNet stem, 32-pixel views, weight decay 5e-4) for the export round trip: its checkpoint loads into a stock
-`torchvision.models.resnet18()`. It runs 4 epochs: at this width the random encoder is already
+ImageNet stem, 32-pixel views, weight decay 5e-4) for the export round trip: its checkpoint loads
+into a stock `torchvision.models.resnet18()`. It runs 4 epochs: at this width the random encoder is already
 strong on these shapes and the run is about the export, not the gain (docs/results.md).
 """
 from mocov2_jax import defaults
