@@ -6,7 +6,7 @@ checkpoints, and a kNN check of the learned encoder against the same encoder at 
 
 20 epochs of views at 24 px: the kNN stays flat or dips for the first 5-10 epochs and climbs once
 the loss starts to fall. 10 epochs at 32 px (the demo before issue 21) mostly stopped before that
-and gained +0.4 to +23 points with the seed and the machine; 24-pixel views make a step about 2x
+and gained +0.4 to +23 points with the seed and the machine; 24-pixel views make a step 2-3x
 cheaper, so 20 epochs take about 6 minutes on 2 cores. Over seeds 0-4 on 1 device and
 0-1 on 8 the gain is +15.8 to +26.5 points (docs/results.md).
 
@@ -32,7 +32,7 @@ def get_config(variant=None):
   c.model.update(arch='resnet18', width=16, cifar_stem=True, head='mlp')
   # tau 0.1, the reference CIFAR demo's: 0.2 and 0.5 learned less here (docs/results.md).
   c.moco.update(queue_size=1024, momentum=0.99, temperature=0.1, bn_groups=8)
-  # A constant lr: in 320 steps the cosine's tail let the features close into a cone (mean
+  # A constant lr: in the 320 steps of the 32-px demo the cosine's tail let the features close into a cone (mean
   # negative logit 0.2 -> 0.77) and the kNN fell back in the last epochs.
   # Weight decay 1e-4 (the reference ImageNet recipe's): with the reference CIFAR demo's 5e-4 the
   # loss of seed 4 had not started to fall by epoch 20 and its kNN lost 3 points (docs/results.md).
