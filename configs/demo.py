@@ -32,8 +32,8 @@ def get_config(variant=None):
   c.model.update(arch='resnet18', width=16, cifar_stem=True, head='mlp')
   # tau 0.1, the reference CIFAR demo's: 0.2 and 0.5 learned less here (docs/results.md).
   c.moco.update(queue_size=1024, momentum=0.99, temperature=0.1, bn_groups=8)
-  # A constant lr: in the 320 steps of the 32-px demo the cosine's tail let the features close into a cone (mean
-  # negative logit 0.2 -> 0.77) and the kNN fell back in the last epochs.
+  # A constant lr: in the 320 steps of the 32-px demo the cosine's tail let the features close
+  # into a cone (mean negative logit 0.2 -> 0.77) and the kNN fell back in the last epochs.
   # Weight decay 1e-4 (the reference ImageNet recipe's): with the reference CIFAR demo's 5e-4 the
   # loss of seed 4 had not started to fall by epoch 20 and its kNN lost 3 points (docs/results.md).
   c.optim.update(base_lr=0.06, weight_decay=1e-4, schedule='constant')
