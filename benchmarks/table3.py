@@ -68,6 +68,8 @@ def measure(method, args, batch, time_it=True):
       jax.block_until_ready((state, m))
       times.append(time.time() - tick)
     out['step_s'] = float(np.median(times))
+  print(f"# {method} batch {batch}: compiled in {compile_s:.0f} s, peak {peak / 1e9:.2f} GB"
+        + ('' if out['step_s'] is None else f", step {out['step_s']:.3f} s"), flush=True)
   return out
 
 

@@ -389,6 +389,8 @@ def main():
   p.add_argument('--images', type=int, default=None, help='JPEGs written for the host parts')
   p.add_argument('--host_batch', type=int, default=32)
   p.add_argument('--steps', type=int, default=None, help='timed steps')
+  p.add_argument('--collectives', action=argparse.BooleanOptionalAction, default=True,
+                 help='the collective rows (8 fake CPU devices: the same on any backend)')
   p.add_argument('--part', default='all', choices=('all', 'collectives'), help=argparse.SUPPRESS)
   args = p.parse_args()
   quick = dict(arch='resnet18', width=16, batch=32, images=128, steps=3)
@@ -410,12 +412,16 @@ def main():
   rows.update(step_table)
   if data_cfg is not None:
     rows.update(end_to_end_rows(args, data_cfg, steps))
-  rows.update(collective_rows(args))
+  if args.collectives:
+    rows.update(collective_rows(args))
   fwd_rows, fwd = flops_rows(args, step_flops, aug_flops)
   rows.update(fwd_rows)
   print_table(rows)
   print(f'\nforward pass: {fwd / 1e9:.3f} GFLOP / image; device augmentation '
         f'{aug_flops / 1e6:.1f} MFLOP / image (both views)')
+  if devices[0].platform == 'gpu':
+    print('(XLA:GPU runs convolutions as cuDNN custom calls, which its cost analysis does not '
+          'count: the FLOP figures above are the rest of the program, not the model)')
   memory_table(args, devices, steps['device'][0])
   if host_costs is None:
     print('host core-ms per image: skipped (TensorFlow is not installed)')

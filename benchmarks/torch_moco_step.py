@@ -85,7 +85,7 @@ def main():
   rate = args.batch * args.steps / (time.perf_counter() - tick)
   peak = torch.cuda.max_memory_allocated() / 2**30
   print(f'torch-moco-step {torch.cuda.get_device_name()} batch {args.batch} {args.dtype} AMP: '
-        f'{rate:.0f} img/s, peak memory {peak:.1f} GiB (loss {float(loss):.3f})')
+        f'{rate:.0f} img/s, peak memory {peak:.1f} GiB (loss {float(loss.detach()):.3f})')
 
 
 if __name__ == '__main__':
