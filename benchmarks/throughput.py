@@ -6,7 +6,7 @@ augmentation, where tf.data only decodes and takes the two uint8 crops):
 - host input cost: CPU time of the whole process (all threads) per image (both views) over
   passes of the real `pipeline.epoch_dataset` with one tf.data thread, on JPEGs of ImageNet size
   (500x375, quality 90, smooth random content) that it writes itself; decoding alone beside it;
-- device augmentation time per image (both views): the jitted `device_augment.augment_batch`;
+- device augmentation time per image (both views): the jitted `augment_kernel.augment_batch`;
 - train step img/s: the real `methods.jit_train_step` on synthetic uint8 / float32 views (NumPy);
 - end to end img/s: `pipeline.train_batches` feeding that step, as the trainer does;
 - host -> device bytes per image, from the batch arrays;
@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from mocov2_jax import defaults, methods, optim, xla_stats  # noqa: E402
-from mocov2_jax.data import device_augment  # noqa: E402  pylint: disable=g-import-not-at-top
+from mocov2_jax.data import augment_kernel, device_augment  # noqa: E402
 
 VIEWS = ('view1', 'view2')
 
@@ -290,7 +290,7 @@ def device_augmentation_rows(args):
   recipe = make_config(args).data.augment
   crops = jax.device_put(synthetic_views(args, 'device')['view1'])
   keys = [device_augment.example_keys(0, 0, args.batch, v) for v in (0, 1)]
-  aug = jax.jit(lambda x: [device_augment.augment_batch(x, k, recipe) for k in keys])
+  aug = jax.jit(lambda x: [augment_kernel.augment_batch(x, k, recipe) for k in keys])
   seconds = timed(lambda: jax.block_until_ready(aug(crops)), args.steps)
   flops = xla_stats.cost(aug.lower(crops).compile())['flops'] / args.batch
   return {'device augmentation (ms / image, both views)': (None, seconds / args.batch * 1e3,

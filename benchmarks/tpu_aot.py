@@ -122,7 +122,7 @@ def lowered(case, devices):
   labels = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=data)
   sched = optim.schedule(c.optim, c.batch_size, 5000, c.num_epochs)
   if case.job == 'augment':   # the recipe alone, both views of the batch, as the step runs it
-    finish = methods.view_finisher(c, 0)
+    finish = methods.view_finisher(c, 0, data)
     return jax.jit(lambda v: (finish(v['view1'], 0), finish(v['view2'], 1)), in_shardings=data,
                    out_shardings=data).trace(dict(view1=views(jnp.uint8), view2=views(jnp.uint8)))
   if case.job in ('mocov2', 'mocov1', 'simclr'):

@@ -17,7 +17,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mocov2_jax import moco, optim, simclr
-from mocov2_jax.data import device_augment
+from mocov2_jax.data import augment_kernel, device_augment
 from mocov2_jax.models import resnet
 
 METHODS = ('moco', 'simclr')
@@ -76,18 +76,20 @@ def create_train_state(rng, config, model, lr_schedule, image_size: int) -> Trai
       queue_ptr=jnp.zeros((), jnp.int32), rng=step_rng)
 
 
-def view_finisher(config, step):
+def view_finisher(config, step, batch_sharding=None):
   """finish(x, view, rows): the views the encoders see. Host augmentation: `x` as it came.
   Device augmentation (`data.augment_on='device'`): `x` are uint8 crops and the rest of the
-  recipe runs here, keyed by (seed, step, view, global example index); `rows` are the global
-  indices of x's rows (a shuffled batch keeps its examples' draws)."""
+  recipe runs here (a Pallas kernel on TPUs), keyed by (seed, step, view, global example index);
+  `rows` are the global indices of x's rows (a shuffled batch keeps its examples' draws);
+  `batch_sharding`, x's, splits the kernel's work by device."""
   if not is_device_augmented(config):
     return lambda x, view, rows=None: x
   recipe = config.data.augment
 
   def finish(x, view, rows=None):
     keys = device_augment.example_keys(config.seed, step, x.shape[0], view)
-    return device_augment.augment_batch(x, keys if rows is None else keys[rows], recipe)
+    return augment_kernel.augment_batch(x, keys if rows is None else keys[rows], recipe,
+                                        batch_sharding)
   return finish
 
 
@@ -179,7 +181,7 @@ def simclr_step(state: TrainState, batch, *, simclr_cfg, lr_schedule, batch_shar
 def train_step(state, batch, *, config, lr_schedule, batch_sharding=None, total_steps=None):
   """The step of `config.method`. `total_steps`: where a schedule other than the lr's ends (the
   key encoder's momentum); None for a constant momentum."""
-  finish = view_finisher(config, state.step)
+  finish = view_finisher(config, state.step, batch_sharding)
   if config.method == 'simclr':
     return simclr_step(state, batch, simclr_cfg=config.simclr, lr_schedule=lr_schedule,
                        batch_sharding=batch_sharding, finish=finish)

@@ -3,7 +3,8 @@
 The host then only decodes and crops (`augment.crop_uint8`: uint8, a quarter of float32's bytes),
 and the accelerator finishes each view inside the jitted step. Same recipe fields and
 torchvision semantics as `augment.py`, which tests/test_device_augment.py checks op by op. No
-TensorFlow here: this runs on accelerator hosts that may not have it.
+TensorFlow here: this runs on accelerator hosts that may not have it. On TPUs the step runs the
+same ops as one Pallas kernel per view (`augment_kernel`).
 """
 import dm_pix
 import jax
@@ -61,9 +62,9 @@ adjust_contrast = lambda image, factor: _blend(image, jnp.mean(grayscale(image)[
 adjust_saturation = lambda image, factor: _blend(image, grayscale(image), factor)
 
 
-def adjust_hue(image, delta):
+def adjust_hue(image, delta, channel_axis=-1):
   """dm-pix's HSV round trip is torchvision's (red > green > blue priority for H, H mod 1)."""
-  return dm_pix.adjust_hue(image, delta)
+  return dm_pix.adjust_hue(image, delta, channel_axis=channel_axis)
 
 
 def _blend_op(image, op, factors, strengths):
@@ -95,12 +96,18 @@ def color_jitter(image, factors, order, strengths):
   return image
 
 
+def blur_taps(sigma, radius: int):
+  """[2 radius + 1]: the normalised Gaussian's weights at -radius..radius."""
+  t = jnp.arange(-radius, radius + 1).astype(jnp.float32)
+  kernel = jnp.exp(-t**2 / (2 * sigma**2))
+  return kernel / jnp.sum(kernel)
+
+
 def blur_matrix(sigma, radius: int, n: int):
   """[n, n]: row i weighs the 2 radius + 1 pixels around i, the edge pixels repeated outside
   the image (PIL's), with a Gaussian of `sigma`, normalised."""
   t = jnp.arange(-radius, radius + 1)
-  kernel = jnp.exp(-t.astype(jnp.float32)**2 / (2 * sigma**2))
-  kernel = kernel / jnp.sum(kernel)
+  kernel = blur_taps(sigma, radius)
   source = jnp.clip(jnp.arange(n)[:, None] + t[None, :], 0, n - 1)              # [n, taps]
   return jnp.sum(jnp.where(source[..., None] == jnp.arange(n), kernel[:, None], 0.0), axis=1)
 
@@ -141,6 +148,11 @@ def finish(image, params, recipe):
   return normalize(x, recipe)
 
 
+def finish_batch(images, params, recipe):
+  """uint8 [N, S, S, 3] crops and their `sample_params` (vmapped) -> float32 [N, S, S, 3]."""
+  return jax.vmap(lambda im, p: finish(im, p, recipe))(images, params)
+
+
 def augment_batch(images, keys, recipe):
   """uint8 [N, S, S, 3] crops and their `example_keys` [N] -> float32 [N, S, S, 3] views."""
-  return jax.vmap(lambda im, k: finish(im, sample_params(k, recipe), recipe))(images, keys)
+  return finish_batch(images, jax.vmap(lambda k: sample_params(k, recipe))(keys), recipe)
