@@ -3,9 +3,9 @@
 On TPUs XLA materialises every step of the jnp recipe (`device_augment.finish`): about 50 float32
 passes over each view (26 MB at 224 px, libtpu's estimate). In this kernel a view stays in VMEM
 from its uint8 planes to its finished float32 planes, and each op runs once, only where it is
-drawn. HBM sees only the crop come in and the view go out. The layout is planar,
-[3, S, S], with the width on the lanes: a trailing channel axis of 3 would pad to 128 lanes. The
-ops are `device_augment`'s, and the tests compare the two paths in interpret mode.
+drawn: the kernel's HBM traffic is the crop in and the view out. The layout is planar, [3, S, S],
+with the width on the lanes: a trailing channel axis of 3 would pad to 128 lanes. The ops are
+`device_augment`'s, and the tests compare the two paths in interpret mode.
 """
 import jax
 import jax.numpy as jnp
@@ -143,10 +143,9 @@ def augment_batch(images, keys, recipe, sharding=None):
     fn = lambda x, p: finish_batch(x, p, recipe)
     if sharding is None:
       return fn(images, params)
-    spec = P(sharding.spec[0])
-    return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(spec, spec), out_specs=spec,
-                         check_vma=False)(
-        images, params)
+    rows = P(sharding.spec[0])
+    return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(rows, rows), out_specs=rows,
+                         check_vma=False)(images, params)
 
   return jax.lax.platform_dependent(
       images, params, tpu=tpu,
