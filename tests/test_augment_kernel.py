@@ -56,20 +56,20 @@ def test_kernel_follows_the_drawn_order(order):
   assert np.abs(got - interpret(IMAGES[:2], params, r)).max() > 0.05   # a wrong order fails
 
 
-def test_flip_and_blur_are_the_view_matrices():
-  """The kernel's matrices from its table row: left @ x @ right is blur(flip(x)), with the
-  flip folded into the right matrix and the identity where no blur is drawn."""
+def test_flip_and_blur_matrices():
+  """The kernel's matrices from its table row: K x (K J)^T is blur(flip(x)), the flip folded into
+  the right matrix, and the identity's taps leave x (flipped or not) as it is."""
   r = recipes.recipe('mocov2')
   params = drawn_params(r, 64)
   table = np.asarray(kernel.scalar_table(params, r, S))
   x = jnp.asarray(IMAGES[0, ..., 0], jnp.float32)
-  flip_col = kernel.SCALARS.index('flip')
   for i in range(64):
-    left, right = kernel.view_matrices(table[i, len(kernel.SCALARS):], table[i, flip_col] > 0, S)
+    taps, flip = table[i, len(kernel.SCALARS):], table[i, kernel.SCALARS.index('flip')] > 0
+    got = dev.blur_matrix(taps, S) @ x @ dev.blur_matrix(taps, S, flip).T
     flipped = x[:, ::-1] if params['flip'][i] else x
     want = (dev.gaussian_blur(flipped[..., None], params['blur_sigma'][i],
                               recipes.blur_radius(r, S))[..., 0] if params['blur'][i] else flipped)
-    np.testing.assert_allclose(left @ x @ right, want, atol=1e-3)
+    np.testing.assert_allclose(got, want, atol=1e-3)
   assert {bool(f) for f in params['flip']} == {True, False}
   assert {bool(b) for b in params['blur']} == {True, False}
 

@@ -34,24 +34,6 @@ def scalar_table(params, recipe, size: int):
   return jnp.concatenate([jnp.stack([c.astype(jnp.float32) for c in cols], axis=1), taps], 1)
 
 
-def view_matrices(taps, flip, size: int):
-  """(left, right), float32 [S, S]: the spatial half of a view is `left @ plane @ right`.
-
-  The blur is K @ x @ K^T (`device_augment.gaussian_blur`: K's row i weighs the pixels around i,
-  PIL's edges repeated), the identity for the identity's taps. The flip, which commutes with the
-  colour ops (they act on each pixel; the contrast's mean does not see the order), reverses the
-  right matrix's rows: x J K^T for J the exchange. Built from iotas, so it runs in the kernel."""
-  radius = (len(taps) - 1) // 2
-  rows = jax.lax.broadcasted_iota(jnp.int32, (size, size), 0)
-  cols = jax.lax.broadcasted_iota(jnp.int32, (size, size), 1)
-  target = jnp.where(flip, size - 1 - rows, rows)
-  left = right = jnp.zeros((size, size), jnp.float32)
-  for t, w in zip(range(-radius, radius + 1), taps):
-    left = left + jnp.where(jnp.clip(rows + t, 0, size - 1) == cols, w, 0.0)
-    right = right + jnp.where(jnp.clip(cols + t, 0, size - 1) == target, w, 0.0)
-  return left, right
-
-
 def _kernel(scalars, crop, out, *, recipe):
   """One view: uint8 planes [1, 3, S, S] -> float32 planes, worked in `out`'s VMEM block."""
   i = pl.program_id(0)
@@ -94,13 +76,17 @@ def _kernel(scalars, crop, out, *, recipe):
     stage()
   mean = recipe.mean or (0.0,) * 3
   std = recipe.std or (1.0,) * 3
+  # The blur K x K^T (`device_augment.gaussian_blur`; the identity's taps where none is drawn).
+  # The flip commutes with the colour ops (they act on each pixel; the contrast's mean does not
+  # see the order), so it joins the blur: x J K^T = x (K J)^T.
   taps = [scalars[i, j] for j in range(len(SCALARS), scalars.shape[1])]
-  left, right = view_matrices(taps, s('flip') > 0, size)
+  left = device_augment.blur_matrix(taps, size)
+  right = device_augment.blur_matrix(taps, size, flip=s('flip') > 0)
+  dot = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())),
+                                               precision=jax.lax.Precision.HIGHEST,
+                                               preferred_element_type=jnp.float32)
   for c in range(3):
-    plane = jnp.dot(jnp.dot(left, out[0, c], precision=jax.lax.Precision.HIGHEST,
-                            preferred_element_type=jnp.float32),
-                    right, precision=jax.lax.Precision.HIGHEST,
-                    preferred_element_type=jnp.float32)
+    plane = dot(dot(left, out[0, c], ((1,), (0,))), right, ((1,), (1,)))   # K x (K J)^T
     out[0, c] = (plane - mean[c]) / std[c]
 
 

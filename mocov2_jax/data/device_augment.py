@@ -103,13 +103,18 @@ def blur_taps(sigma, radius: int):
   return kernel / jnp.sum(kernel)
 
 
-def blur_matrix(sigma, radius: int, n: int):
-  """[n, n]: row i weighs the 2 radius + 1 pixels around i, the edge pixels repeated outside
-  the image (PIL's), with a Gaussian of `sigma`, normalised."""
-  t = jnp.arange(-radius, radius + 1)
-  kernel = blur_taps(sigma, radius)
-  source = jnp.clip(jnp.arange(n)[:, None] + t[None, :], 0, n - 1)              # [n, taps]
-  return jnp.sum(jnp.where(source[..., None] == jnp.arange(n), kernel[:, None], 0.0), axis=1)
+def blur_matrix(taps, n: int, flip=False):
+  """[n, n]: row i weighs the 2 radius + 1 pixels around i by `taps` (`blur_taps`), the edge
+  pixels repeated outside the image (PIL's). With `flip` (traced) the columns are reversed: the
+  blur of the mirrored row. Built from iotas, so the Pallas kernel builds it too."""
+  radius = (len(taps) - 1) // 2
+  rows = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+  source = jnp.where(flip, n - 1 - cols, cols)
+  matrix = jnp.zeros((n, n), jnp.float32)
+  for t, w in zip(range(-radius, radius + 1), taps):
+    matrix = matrix + jnp.where(jnp.clip(rows + t, 0, n - 1) == source, w, 0.0)
+  return matrix
 
 
 def gaussian_blur(image, sigma, radius: int):
@@ -120,8 +125,9 @@ def gaussian_blur(image, sigma, radius: int):
   convolution with one kernel per image (sigma is drawn per image) vmaps into a grouped
   convolution, slow on every backend. HIGHEST precision: float32 sums, as the host's."""
   h, w = image.shape[:2]
-  return jnp.einsum('ij,jkc,lk->ilc', blur_matrix(sigma, radius, h), image,
-                    blur_matrix(sigma, radius, w), precision=jax.lax.Precision.HIGHEST)
+  taps = blur_taps(sigma, radius)
+  return jnp.einsum('ij,jkc,lk->ilc', blur_matrix(taps, h), image, blur_matrix(taps, w),
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def normalize(image, recipe):
