@@ -251,9 +251,8 @@ def summary(rows):
   # difference of the steps with and without it also counts the f32 views the host path reads.
   diff = (moco['seconds'] - host['seconds']) / moco['seconds']
   print(f'device - host augmentation step: {100 * diff:+.1f}% of the step\'s roofline time')
-  aug = diff
+  aug = alone['seconds'] / moco['seconds'] if alone else diff
   if alone:
-    aug = alone['seconds'] / moco['seconds']
     print(f'device augmentation alone: {alone["bytes_per_image"] / 1e6:.1f} MB / image (both '
           f'views), {100 * aug:.1f}% of the step\'s roofline time ({alone["bound"]}-bound)')
   print(f'MoCo v2 / supervised FLOPs per image: '
